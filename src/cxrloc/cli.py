@@ -1,0 +1,53 @@
+"""The ``cxrloc`` command line: one subcommand per stage of the pipeline.
+
+Each subcommand lives in ``cxrloc/commands/<name>.py`` and defines
+``add_arguments(parser)`` and ``run(args) -> int``; :data:`COMMANDS` lists them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from cxrloc import __version__
+
+#: subcommand name -> (module under cxrloc.commands, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "config": ("config", "print a resolved config (shipped name or YAML file, with --set overrides)"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cxrloc", description="DLRV chest X-ray disease identification and localization")
+    parser.add_argument("--version", action="version", version=f"cxrloc {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module, help_text) in COMMANDS.items():
+        mod = importlib.import_module(f"cxrloc.commands.{module}")
+        p = sub.add_parser(name, help=help_text, description=(mod.__doc__ or help_text).strip().splitlines()[0])
+        mod.add_arguments(p)
+        p.set_defaults(_run=mod.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.WARNING - 10 * min(args.verbose + 1, 2)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args._run(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, RuntimeError, OSError) as e:  # user-facing errors: one clear line, no traceback
+        if args.verbose >= 2:
+            raise
+        print(f"cxrloc {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
