@@ -10,6 +10,7 @@ def test_paper_defaults_pinned():
     assert c.model.backbone == "densenet121" and c.model.pretrained is True
     assert c.model.cam_threshold == 0.8
     assert c.model.rv_pooling == "gap" and c.model.normalize_embeddings is False
+    assert c.model.output_stride == 32  # DenseNet-121: (B, 1024, 7, 7) at 224
     assert c.loss.margin == 0.5
     assert (c.loss.weight_g, c.loss.weight_rv, c.loss.weight_dl) == (1.0, 1.0, 1.0)
     assert c.loss.use_dl and c.loss.use_rv and not c.loss.aux_on_all

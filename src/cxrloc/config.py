@@ -49,6 +49,7 @@ class ModelConfig:
     backbone: Literal["densenet121", "densenet-tiny"] = "densenet121"
     pretrained: bool = True  # ImageNet init when weights are available (falls back with a warning)
     weights_path: str | None = None  # local torchvision DenseNet-121 state_dict
+    output_stride: Literal[32, 16] = 32  # paper: DenseNet-121 stride 32 (7x7 at 224); ours: 16 for small demo inputs
     cam_threshold: float = 0.8  # paper: threshold on the normalised attentive map
     rv_pooling: Literal["gap", "box"] = "gap"  # paper-literal GAP over the masked map; "box": mean over box cells
     normalize_embeddings: bool = False  # ours: raw 1024-d embeddings (option: L2-normalise)
