@@ -50,7 +50,9 @@ _DENSENET_SPECS: dict[str, dict] = {
 }
 
 #: Old torchvision checkpoints name dense-layer parts "norm.1", "conv.2", ...; modules now use "norm1".
-_LEGACY_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.([12]\.(?:weight|bias|running_mean|running_var))$")
+_LEGACY_KEY = re.compile(
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.([12]\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$"
+)
 
 #: Reasons already warned about in this process (pretrained fallback warns once per reason).
 _warned: set[str] = set()
@@ -111,8 +113,9 @@ def load_densenet_weights(features: nn.Sequential, path: str | Path) -> None:
     """Load a torchvision DenseNet state_dict file into ``features`` (strict).
 
     Accepts a plain state_dict or one wrapped as ``{"state_dict": ...}``, keys with or
-    without a ``module.`` prefix, legacy ``norm.1``-style layer keys, and a classifier
-    (ignored). Loaded with ``weights_only=True``.
+    without a ``module.`` prefix, legacy ``norm.1``-style layer keys, files without
+    BatchNorm ``num_batches_tracked`` counters (as torchvision's ImageNet file), and a
+    classifier (ignored). Loaded with ``weights_only=True``.
     """
     path = Path(path)
     if not path.is_file():
@@ -135,6 +138,9 @@ def load_densenet_weights(features: nn.Sequential, path: str | Path) -> None:
             continue
         renamed[key.removeprefix("features.")] = value
     expected = features.state_dict()
+    for key in set(expected) - set(renamed):  # files from before BatchNorm counted batches lack these
+        if key.endswith("num_batches_tracked"):
+            renamed[key] = expected[key].clone()
     missing = sorted(set(expected) - set(renamed))
     unexpected = sorted(set(renamed) - set(expected))
     shapes = [

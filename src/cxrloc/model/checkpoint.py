@@ -84,11 +84,17 @@ def save_checkpoint(
         "num_classes": int(model.num_classes),
         "epoch": int(epoch),
         "metric": None if metric is None else float(metric),
-        "versions": {"cxrloc": cxrloc.__version__, "torch": torch.__version__, "torchvision": torchvision.__version__},
+        "versions": {"cxrloc": str(cxrloc.__version__), "torch": str(torch.__version__),
+                     "torchvision": str(torchvision.__version__)},
         "extra": extra or {},
     }
     buffer = io.BytesIO()
     torch.save(payload, buffer)
+    try:  # refuse to write what load_checkpoint could not read (e.g. objects in `extra`)
+        buffer.seek(0)
+        torch.load(buffer, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{path}: not saved: the checkpoint must hold plain types only ({_first_line(e)})") from e
     atomic_write_bytes(path, buffer.getvalue())
     log.info("saved checkpoint %s (epoch %d, metric %s)", path, epoch, metric)
 
@@ -207,5 +213,9 @@ def _unwrap(model: torch.nn.Module) -> DLRV:
 
 
 def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
+    """The informative line of an error (torch's weights_only refusals bury it under advice)."""
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    for line in lines:
+        if line.startswith("WeightsUnpickler error:"):
+            return line.removeprefix("WeightsUnpickler error:").strip()
+    return lines[0] if lines else type(e).__name__

@@ -1,0 +1,95 @@
+"""Inference: class-specific region ensemble (eq. 10) and averaged-weight maps (eq. 11) vs direct formulas."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cxrloc.config import ModelConfig
+from cxrloc.model import build_model, upsample_maps
+from cxrloc.model.dlrv import DLRV
+
+
+def slow_predict(model: DLRV, g: torch.Tensor, pooling: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference, one image and one class at a time, straight from eq. 6, 8, 10, 11."""
+    batch, _, h, w = g.shape
+    probs = torch.zeros(batch, model.num_classes, dtype=torch.float64)
+    maps = torch.zeros(batch, model.num_classes, h, w, dtype=torch.float64)
+    wg, bg = model.global_head.weight.double(), model.global_head.bias.double()
+    v, bv = model.region_head.weight.double(), model.region_head.bias.double()
+    for i in range(batch):
+        gi = g[i].double()
+        f = gi.mean(dim=(1, 2))
+        for c in range(model.num_classes):
+            cam = (wg[c][:, None, None] * gi).sum(0)  # eq. 6
+            norm = (cam - cam.min()) / (cam.max() - cam.min())
+            ys, xs = torch.nonzero(norm > model.cam_threshold, as_tuple=True)
+            mask = torch.zeros(h, w, dtype=torch.float64)
+            mask[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1] = 1.0
+            masked = gi * mask
+            f_region = masked.sum(dim=(1, 2)) / (h * w if pooling == "gap" else mask.sum())
+            logit = wg[c] @ f + bg[c] + v[c] @ f_region + bv[c]  # eq. 10
+            probs[i, c] = torch.sigmoid(logit)
+            m = sum(0.5 * (wg[c, k] + v[c, k]) * gi[k] for k in range(gi.shape[0]))  # eq. 11
+            maps[i, c] = (m - m.min()) / (m.max() - m.min())
+    return probs, maps
+
+
+@pytest.mark.parametrize("pooling", ["gap", "box"])
+def test_predict_matches_per_class_formulas(pooling):
+    torch.manual_seed(0)
+    model = DLRV(nn.Identity(), 9, num_classes=5, rv_pooling=pooling).eval()
+    g = torch.rand(3, 9, 7, 7)
+    out = model.predict(g)
+    probs, maps = slow_predict(model, g, pooling)
+    torch.testing.assert_close(out["probs"].double(), probs, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out["cam_grid"].double(), maps, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out["logits"], model.global_head(g.mean(dim=(2, 3))))
+    assert out["cam_grid"].amin() >= 0 and out["cam_grid"].amax() <= 1
+
+
+def test_without_region_head_scores_and_maps_use_global_only():
+    torch.manual_seed(0)
+    model = DLRV(nn.Identity(), 6, num_classes=3, use_region=False).eval()
+    g = torch.rand(2, 6, 5, 5)
+    out = model.predict(g)
+    torch.testing.assert_close(out["probs"], torch.sigmoid(out["logits"]))
+    cams = torch.einsum("ck,bkhw->bchw", model.global_head.weight, g)
+    lo = cams.amin(dim=(2, 3), keepdim=True)
+    hi = cams.amax(dim=(2, 3), keepdim=True)
+    torch.testing.assert_close(out["cam_grid"], (cams - lo) / (hi - lo), rtol=1e-5, atol=1e-5)
+
+
+def test_localization_maps_are_bilinear_upsampled_grid_maps():
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(backbone="densenet-tiny", pretrained=False)).eval()
+    x = torch.randn(2, 3, 64, 64)
+    grid = model.predict(x)["cam_grid"]
+    maps = model.localization_maps(x, (96, 80))
+    assert maps.shape == (2, 14, 96, 80)
+    assert maps.min() >= 0 and maps.max() <= 1
+    torch.testing.assert_close(maps, F.interpolate(grid, size=(96, 80), mode="bilinear", align_corners=False))
+    torch.testing.assert_close(upsample_maps(grid, (96, 80)), maps)
+
+
+def test_predict_batch_independent_and_no_python_loop_dependence():
+    """Images are scored independently: the batch result equals per-image results (eval mode)."""
+    torch.manual_seed(1)
+    model = build_model(ModelConfig(backbone="densenet-tiny", pretrained=False)).eval()
+    x = torch.randn(4, 3, 64, 64)
+    batched = model.predict(x)["probs"]
+    single = torch.cat([model.predict(x[i : i + 1])["probs"] for i in range(4)])
+    torch.testing.assert_close(batched, single, rtol=1e-4, atol=1e-5)
+
+
+def test_bf16_autocast_keeps_probabilities_close():
+    torch.manual_seed(2)
+    model = build_model(ModelConfig(backbone="densenet-tiny", pretrained=False)).eval()
+    x = torch.randn(2, 3, 64, 64)
+    ref = model.predict(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = model.predict(x)
+    assert low["probs"].dtype == torch.float32
+    assert (low["probs"] - ref["probs"]).abs().max() < 0.05
