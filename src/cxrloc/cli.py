@@ -16,6 +16,7 @@ from cxrloc import __version__
 #: subcommand name -> (module under cxrloc.commands, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "config": ("config", "print a resolved config (shipped name or YAML file, with --set overrides)"),
+    "prepare": ("prepare", "validate a ChestX-ray14 folder and build the resized image cache (resumable)"),
 }
 
 
