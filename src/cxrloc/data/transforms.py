@@ -1,0 +1,142 @@
+"""Model input transforms (METHOD.md data protocol): resize S -> 224, 3 channels, ImageNet normalisation;
+in training a random rotation within +-``rotation_degrees`` and a horizontal flip with ``hflip_prob``.
+
+One implementation serves both paths:
+
+- :func:`batch_transform` works on a whole uint8 batch ``(B, S, S)`` on any device
+  (the training engine calls it on the GPU after the DataLoader hands over raw
+  cache rows: METHOD's augmentation "on the batch tensor where that is faster").
+  Rotation and flip are one ``affine_grid`` / ``grid_sample`` per batch, with
+  per-sample parameters drawn from a ``torch.Generator``.
+- :class:`SampleTransform` applies the same function to one ``(S, S)`` image
+  (a batch of one), for DataLoader workers and for prediction on single files.
+
+Order of operations (ours): antialiased bilinear resize to ``image_size``, then
+rotation about the centre (bilinear, black fill outside the image) and flip,
+then normalisation. Rotating after the resize costs 224^2 instead of S^2 samples.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cxrloc.config import DataConfig
+
+
+def augment_params(
+    batch: int,
+    cfg: DataConfig,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random training augmentation parameters, drawn on the CPU.
+
+    Returns:
+        angles (B,) float32 degrees, uniform in [-rotation_degrees, +rotation_degrees];
+        flips (B,) bool, True with probability ``hflip_prob``.
+    """
+    u = torch.rand(batch, generator=generator)
+    angles = (2.0 * u - 1.0) * float(cfg.rotation_degrees)
+    flips = torch.rand(batch, generator=generator) < float(cfg.hflip_prob)
+    return angles.float(), flips
+
+
+def batch_transform(
+    images: torch.Tensor,
+    cfg: DataConfig,
+    train: bool = False,
+    generator: torch.Generator | None = None,
+    angles: torch.Tensor | None = None,
+    flips: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """uint8 batch -> normalised float model input.
+
+    Args:
+        images: (B, S, S) or (B, 1, S, S) uint8 (or float in [0, 1]) on any device.
+        cfg: image_size, rotation_degrees, hflip_prob, mean, std.
+        train: draw random rotation + flip per sample (ignored when ``angles``/``flips`` are given).
+        generator: CPU generator for the random parameters (default: torch's global one).
+        angles: (B,) degrees, counter-clockwise, explicit instead of random.
+        flips: (B,) bool, explicit horizontal flips instead of random.
+
+    Returns:
+        (B, 3, H, H) float32, H = ``cfg.image_size``, channel c = (x - mean[c]) / std[c].
+    """
+    x = images if images.dim() == 4 else images.unsqueeze(1)
+    if x.dim() != 4 or x.shape[1] != 1:
+        raise ValueError(f"images must be (B, S, S) or (B, 1, S, S), got {tuple(images.shape)}")
+    x = x.float().div_(255.0) if images.dtype == torch.uint8 else x.float()
+    size = int(cfg.image_size)
+    if x.shape[-2:] != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    b = x.shape[0]
+    if train and angles is None and flips is None:
+        angles, flips = augment_params(b, cfg, generator)
+    if angles is not None or flips is not None:
+        x = _rotate_flip(x, angles, flips)
+    mean = torch.tensor(cfg.mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(cfg.std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def _rotate_flip(x: torch.Tensor, angles: torch.Tensor | None, flips: torch.Tensor | None) -> torch.Tensor:
+    """Rotate each image by ``angles`` degrees (counter-clockwise, about the centre), then flip where ``flips``.
+
+    The sampling grid maps output to input coordinates: in = R(angle)^T (F out), with F = diag(-1, 1)
+    for a flipped sample (normalised coordinates, y pointing down).
+    """
+    b = x.shape[0]
+    a = torch.zeros(b) if angles is None else angles.detach().float().cpu().reshape(b)
+    f = torch.zeros(b, dtype=torch.bool) if flips is None else flips.detach().bool().cpu().reshape(b)
+    if not torch.any(a != 0) and not torch.any(f):
+        return x
+    if not torch.any(a != 0):  # flips only: exact, no resampling
+        return torch.where(f.to(x.device).view(b, 1, 1, 1), x.flip(-1), x)
+    rad = a * (math.pi / 180.0)
+    cos, sin = torch.cos(rad), torch.sin(rad)
+    sign = torch.where(f, -1.0, 1.0)
+    # image y axis points down, so a counter-clockwise rotation on screen is clockwise in (x, y)
+    theta = torch.zeros(b, 2, 3)
+    theta[:, 0, 0] = cos * sign
+    theta[:, 0, 1] = -sin
+    theta[:, 1, 0] = sin * sign
+    theta[:, 1, 1] = cos
+    grid = F.affine_grid(theta.to(x.device, x.dtype), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+class SampleTransform:
+    """Per-sample transform: (S, S) uint8 numpy/tensor -> (3, H, H) float32 (see :func:`batch_transform`).
+
+    Args:
+        cfg: the data config (image_size, rotation_degrees, hflip_prob, mean, std).
+        train: random rotation and flip (torch's global RNG, which DataLoader seeds per worker).
+    """
+
+    def __init__(self, cfg: DataConfig | None = None, train: bool = False):
+        self.cfg = cfg or DataConfig()
+        self.train = train
+
+    def __call__(self, image: np.ndarray | torch.Tensor) -> torch.Tensor:
+        if isinstance(image, np.ndarray):  # a read-only memmap row is copied (64 KB at S = 256)
+            image = np.ascontiguousarray(image) if image.flags.writeable else np.array(image)
+        t = torch.from_numpy(image) if isinstance(image, np.ndarray) else image
+        if t.dim() != 2:
+            raise ValueError(f"expected one (H, W) grayscale image, got shape {tuple(t.shape)}")
+        return batch_transform(t.unsqueeze(0), self.cfg, train=self.train)[0]
+
+    def __repr__(self) -> str:
+        return f"SampleTransform(train={self.train}, image_size={self.cfg.image_size})"
+
+
+def train_transform(cfg: DataConfig | None = None) -> SampleTransform:
+    """Training transform: resize, random rotation +-rotation_degrees, hflip p=hflip_prob, normalise."""
+    return SampleTransform(cfg, train=True)
+
+
+def eval_transform(cfg: DataConfig | None = None) -> SampleTransform:
+    """Evaluation / prediction transform: resize and normalise only."""
+    return SampleTransform(cfg, train=False)
