@@ -35,6 +35,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -238,6 +239,7 @@ def phash_index(
     batch_size: int = 32,
     fallback_dir: str | Path | None = None,
     progress: bool = True,
+    workers: int | None = None,
 ) -> np.ndarray:
     """pHash of every image of a prepared cache, stored beside it and reused while the cache is unchanged.
 
@@ -257,6 +259,7 @@ def phash_index(
         batch_size: images hashed per step (small batches stay in the CPU cache; 32 is fastest here).
         fallback_dir: base folder for the index of a read-only cache.
         progress: show a tqdm bar.
+        workers: threads hashing batches in parallel (default: torch's thread count, at most the cores).
 
     Returns:
         (N,) uint64 hashes (read-only array).
@@ -280,7 +283,7 @@ def phash_index(
             log.info("pHash index reused from %s", folder / INDEX_FILE)
             return stored
 
-    hashes = _hash_cache(cache, batch_size, progress)
+    hashes = _hash_cache(cache, batch_size, progress, workers)
     for folder in (cache.root, fallback):
         try:
             _save_index(folder, hashes, expected)
@@ -296,14 +299,34 @@ def phash_index(
     return hashes
 
 
-def _hash_cache(cache: Any, batch_size: int, progress: bool) -> np.ndarray:
+def _hash_cache(cache: Any, batch_size: int, progress: bool, workers: int | None = None) -> np.ndarray:
+    """Hash all rows in batches, ``workers`` batches at a time.
+
+    Ours: one thread per core, each running single-threaded torch, instead of one
+    batch at a time on torch's intra-op threads. The small matmuls then need no
+    thread synchronisation, which is as fast on an idle machine and degrades far
+    less on a busy one (measured: several times faster under 3x CPU oversubscription).
+    """
     images = cache.images
     n = len(cache)
     out = np.empty(n, dtype=np.uint64)
+    workers = workers or max(1, min(os.cpu_count() or 1, torch.get_num_threads()))
+
+    def work(start: int) -> int:
+        out[start : start + batch_size] = phash_batch(np.array(images[start : start + batch_size]))
+        return start
+
     starts = range(0, n, batch_size)
-    bar = tqdm(starts, desc="pHash", unit="batch", disable=not progress or n <= batch_size * 8, leave=False)
-    for start in bar:
-        out[start : start + batch_size] = phash_batch(np.asarray(images[start : start + batch_size]))
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(workers) as pool:
+            done = pool.map(work, starts)
+            for _ in tqdm(done, total=len(starts), desc="pHash", unit="batch", leave=False,
+                          disable=not progress or n <= batch_size * 8):
+                pass
+    finally:
+        torch.set_num_threads(torch_threads)
     return out
 
 
