@@ -12,10 +12,11 @@ from cxrloc.model import build_model, upsample_maps
 from cxrloc.model.dlrv import DLRV
 
 
-def slow_predict(model: DLRV, g: torch.Tensor, pooling: str) -> tuple[torch.Tensor, torch.Tensor]:
+def slow_predict(model: DLRV, g: torch.Tensor, pooling: str) -> tuple[torch.Tensor, ...]:
     """Reference, one image and one class at a time, straight from eq. 6, 8, 10, 11."""
     batch, _, h, w = g.shape
     probs = torch.zeros(batch, model.num_classes, dtype=torch.float64)
+    boxes = torch.zeros(batch, model.num_classes, h, w, dtype=torch.bool)
     maps = torch.zeros(batch, model.num_classes, h, w, dtype=torch.float64)
     wg, bg = model.global_head.weight.double(), model.global_head.bias.double()
     v, bv = model.region_head.weight.double(), model.region_head.bias.double()
@@ -28,13 +29,14 @@ def slow_predict(model: DLRV, g: torch.Tensor, pooling: str) -> tuple[torch.Tens
             ys, xs = torch.nonzero(norm > model.cam_threshold, as_tuple=True)
             mask = torch.zeros(h, w, dtype=torch.float64)
             mask[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1] = 1.0
+            boxes[i, c] = mask > 0
             masked = gi * mask
             f_region = masked.sum(dim=(1, 2)) / (h * w if pooling == "gap" else mask.sum())
             logit = wg[c] @ f + bg[c] + v[c] @ f_region + bv[c]  # eq. 10
             probs[i, c] = torch.sigmoid(logit)
             m = sum(0.5 * (wg[c, k] + v[c, k]) * gi[k] for k in range(gi.shape[0]))  # eq. 11
             maps[i, c] = (m - m.min()) / (m.max() - m.min())
-    return probs, maps
+    return probs, maps, boxes
 
 
 @pytest.mark.parametrize("pooling", ["gap", "box"])
@@ -43,7 +45,8 @@ def test_predict_matches_per_class_formulas(pooling):
     model = DLRV(nn.Identity(), 9, num_classes=5, rv_pooling=pooling).eval()
     g = torch.rand(3, 9, 7, 7)
     out = model.predict(g)
-    probs, maps = slow_predict(model, g, pooling)
+    probs, maps, boxes = slow_predict(model, g, pooling)
+    assert torch.equal(out["region_masks"], boxes)
     torch.testing.assert_close(out["probs"].double(), probs, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out["cam_grid"].double(), maps, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out["logits"], model.global_head(g.mean(dim=(2, 3))))

@@ -276,7 +276,8 @@ class DLRV(nn.Module):
         logits = self.global_head(g.mean(dim=(2, 3))).float()
         cams_global = class_cams(g, self.global_head.weight)  # (B, C, h, w), eq. 6
         cams_region = class_cams(g, self.region_head.weight)
-        masks = region_mask(cams_global, self.cam_threshold).float()  # class-specific regions
+        boxes = region_mask(cams_global, self.cam_threshold)  # class-specific regions (B, C, h, w)
+        masks = boxes.float()
         # v_c . f'_c = sum_hw (v_c . g)(a, b) mask_c(a, b) / denominator
         region_logits = (cams_region * masks).sum(dim=(2, 3)) / _pool_denominator(masks, self.rv_pooling)
         region_logits = region_logits + self.region_head.bias.float()
@@ -291,6 +292,7 @@ class DLRV(nn.Module):
             "logits": logits,
             "region_logits": region_logits,
             "cam_grid": normalize_maps(cam),
+            "region_masks": boxes,
         }
 
     def predict(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -302,7 +304,8 @@ class DLRV(nn.Module):
         Returns:
             ``probs`` (B, C) = sigmoid(global + class-specific region logits) (eq. 10; global
             only when ``use_region`` is False), ``logits`` (B, C) global, ``region_logits``
-            (B, C), ``cam_grid`` (B, C, h, w) eq. 11 maps min-max normalised to [0, 1]; all float32.
+            (B, C), ``cam_grid`` (B, C, h, w) eq. 11 maps min-max normalised to [0, 1] (float32),
+            ``region_masks`` (B, C, h, w) bool, the class-specific boxes of eq. 10.
         """
         with torch.inference_mode():
             return self.predict_from_features(self.forward_features(x))
