@@ -292,12 +292,15 @@ def _run_chunks(
 
 
 def _execute(tasks: Iterator[tuple], workers: int) -> Iterator[dict]:
-    """Run ``process_chunk`` over tasks: in this process for 1 worker, else in a spawned pool."""
+    """Run ``process_chunk`` over tasks: in this process for 1 worker, else in a process pool."""
     if workers == 1:
         for task in tasks:
             yield process_chunk(*task)
         return
-    ctx = multiprocessing.get_context("spawn")  # no fork of a parent that may hold threads (torch)
+    # fork (as torch's DataLoader does on Linux): workers start at once, without re-importing the
+    # caller's __main__ (spawn would, e.g. torch for a training script); spawn where fork is absent
+    methods = multiprocessing.get_all_start_methods()
+    ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
     with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=worker_init, initargs=(os.getpid(),)) as pool:
         pending: set[Future] = set()
         try:

@@ -1,6 +1,6 @@
 """The per-process half of ``cxrloc prepare``: decode + resize a chunk of images into the partial cache.
 
-Kept apart from :mod:`cxrloc.data.prepare` so that a spawned worker imports only
+Kept apart from :mod:`cxrloc.data.prepare` so that a spawned worker (where fork is absent) imports only
 numpy and Pillow (fast start-up), not pandas.
 """
 

@@ -68,7 +68,9 @@ def batch_transform(
     x = images if images.dim() == 4 else images.unsqueeze(1)
     if x.dim() != 4 or x.shape[1] != 1:
         raise ValueError(f"images must be (B, S, S) or (B, 1, S, S), got {tuple(images.shape)}")
-    x = x.float().div_(255.0) if images.dtype == torch.uint8 else x.float()
+    # uint8 stays in 0..255 until the final affine step, which folds in the 1/255 (one pass fewer)
+    unit = 255.0 if images.dtype == torch.uint8 else 1.0
+    x = x.float()
     size = int(cfg.image_size)
     if x.shape[-2:] != (size, size):
         x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
@@ -77,16 +79,17 @@ def batch_transform(
         angles, flips = augment_params(b, cfg, generator)
     if angles is not None or flips is not None:
         x = _rotate_flip(x, angles, flips)
-    mean = torch.tensor(cfg.mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(cfg.std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    return (x - mean) / std
+    scale = 1.0 / (unit * torch.tensor(cfg.std, dtype=torch.float64))
+    shift = -torch.tensor(cfg.mean, dtype=torch.float64) / torch.tensor(cfg.std, dtype=torch.float64)
+    # (x - mean_c) / std_c for c = 0..2 in one broadcasting pass: (B, 1, H, W) -> (B, 3, H, W)
+    return torch.addcmul(shift.to(x).view(1, 3, 1, 1), x, scale.to(x).view(1, 3, 1, 1))
 
 
 def _rotate_flip(x: torch.Tensor, angles: torch.Tensor | None, flips: torch.Tensor | None) -> torch.Tensor:
     """Rotate each image by ``angles`` degrees (counter-clockwise, about the centre), then flip where ``flips``.
 
-    The sampling grid maps output to input coordinates: in = R(angle)^T (F out), with F = diag(-1, 1)
-    for a flipped sample (normalised coordinates, y pointing down).
+    The sampling grid maps output to input coordinates: in = R (F out), R = [[cos, -sin], [sin, cos]],
+    F = diag(-1, 1) for a flipped sample (normalised coordinates, y pointing down).
     """
     b = x.shape[0]
     a = torch.zeros(b) if angles is None else angles.detach().float().cpu().reshape(b)
@@ -96,15 +99,19 @@ def _rotate_flip(x: torch.Tensor, angles: torch.Tensor | None, flips: torch.Tens
     if not torch.any(a != 0):  # flips only: exact, no resampling
         return torch.where(f.to(x.device).view(b, 1, 1, 1), x.flip(-1), x)
     rad = a * (math.pi / 180.0)
-    cos, sin = torch.cos(rad), torch.sin(rad)
-    sign = torch.where(f, -1.0, 1.0)
-    # image y axis points down, so a counter-clockwise rotation on screen is clockwise in (x, y)
-    theta = torch.zeros(b, 2, 3)
-    theta[:, 0, 0] = cos * sign
-    theta[:, 0, 1] = -sin
-    theta[:, 1, 0] = sin * sign
-    theta[:, 1, 1] = cos
-    grid = F.affine_grid(theta.to(x.device, x.dtype), list(x.shape), align_corners=False)
+    dev, dt = x.device, x.dtype
+    cos, sin = torch.cos(rad).to(dev, dt).view(b, 1, 1), torch.sin(rad).to(dev, dt).view(b, 1, 1)
+    sign = torch.where(f, -1.0, 1.0).to(dev, dt).view(b, 1, 1)
+    h, w = x.shape[-2:]
+    # normalised pixel-centre coordinates (align_corners=False), as F.affine_grid builds them
+    xs = ((torch.arange(w, device=dev, dtype=dt) * 2 + 1) / w - 1).view(1, 1, w)
+    ys = ((torch.arange(h, device=dev, dtype=dt) * 2 + 1) / h - 1).view(1, h, 1)
+    # in = R F out; the image y axis points down, so this turns the content counter-clockwise on screen
+    # (as torchvision's rotate does). Each coordinate is a sum of a row and a column term, written
+    # straight into the grid: several times faster on the CPU than F.affine_grid.
+    grid = torch.empty(b, h, w, 2, device=dev, dtype=dt)
+    torch.add(cos * sign * xs, -sin * ys, out=grid[..., 0])
+    torch.add(sin * sign * xs, cos * ys, out=grid[..., 1])
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
