@@ -1,0 +1,47 @@
+"""Every shipped config trains one short epoch with the tiny backbone (and the right loss terms)."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+from train_builders import fast_config
+
+from cxrloc.config import available_configs, load_config
+from cxrloc.model.checkpoint import load_model
+from cxrloc.train import read_summary, train
+
+SHIPPED = available_configs()
+
+
+def test_all_paper_rows_and_the_demo_are_shipped():
+    assert {"baseline", "dlrv", "dlrv_no_rv", "dlrv_no_dl", "dlrv_random_mining", "dlrv_exact_positives",
+            "demo"} <= set(SHIPPED)
+
+
+def test_demo_config_is_cpu_friendly():
+    cfg = load_config("demo")
+    assert cfg.model.backbone == "densenet-tiny" and not cfg.model.pretrained
+    assert cfg.data.image_size <= 128 and cfg.train.accelerator == "cpu" and cfg.train.max_epochs <= 10
+    assert cfg.loss.use_dl and cfg.loss.use_rv
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_config_runs_one_short_epoch(name, tiny_cache, tmp_path):
+    cfg = fast_config(name, "model.output_stride=32", "train.max_epochs=1")
+    result = train(cfg, tiny_cache, tmp_path / name, progress="none")
+    assert result.status == "completed" and result.epochs_completed == 1
+    hist = read_summary(result.run_dir)["history"]
+    assert len(hist) == 1 and hist[0]["val_images"] == 14
+    assert math.isfinite(hist[0]["val/auc_mean"])
+    h = hist[0]
+    assert (h["train_triplet"] > 0) == cfg.loss.use_dl  # switched-off terms are exactly zero
+    assert (h["train_rv"] > 0) == cfg.loss.use_rv
+    assert h["train_loss"] == pytest.approx(h["train_bce"] + h["train_rv"] + h["train_triplet"], rel=1e-6)
+    log = pd.read_csv(result.run_dir / "logs/csv/version_0/metrics.csv")
+    for column in ("train/loss_step", "train/bce_step", "train/rv_step", "train/triplet_step", "val/auc_mean",
+                   "val/auc_mean_global", "val/auc_mean_ensemble", "val/auc/Cardiomegaly", "lr-Adam"):
+        assert column in log.columns, column
+    model, stored, _ = load_model(result.best_checkpoint)
+    assert stored == cfg and model.use_region == cfg.loss.use_rv
