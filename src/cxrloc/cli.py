@@ -17,6 +17,7 @@ from cxrloc import __version__
 COMMANDS: dict[str, tuple[str, str]] = {
     "config": ("config", "print a resolved config (shipped name or YAML file, with --set overrides)"),
     "prepare": ("prepare", "validate a ChestX-ray14 folder and build the resized image cache (resumable)"),
+    "train": ("train", "train a paper variant on a prepared cache (checkpoints, logs, --resume)"),
     "evaluate": ("evaluate", "score a checkpoint on a cache split: AUC with CIs, box accuracy at IoU T, reports"),
     "predict": ("predict", "run a checkpoint on image files/folders/DICOMs: probabilities, boxes, heatmap overlays"),
 }
