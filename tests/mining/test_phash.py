@@ -62,15 +62,13 @@ def test_resize_matches_pillow_lanczos(size):
     images = np.concatenate([rng.integers(0, 256, (3, size, size), dtype=np.uint8), smooth_images(3, size, seed=size)])
     ours = resize32(images)
     ref = np.stack([np.asarray(Image.fromarray(x).resize((32, 32), Image.Resampling.LANCZOS)) for x in images])
-    diff = np.abs(ours.astype(int) - ref)
-    # float32 sums may round differently from Pillow's integers within ~1e-5 of a .5 boundary
-    assert diff.max() <= 1 and np.mean(diff > 0) < 1e-3, (size, int(diff.sum()))
+    np.testing.assert_array_equal(ours, ref)
 
 
 def test_resize_non_square():
     img = smooth_images(1, 300)[0][:, 40:260]  # (300, 220)
     ref = np.asarray(Image.fromarray(img).resize((32, 32), Image.Resampling.LANCZOS))
-    assert np.abs(resize32(img[None]).astype(int)[0] - ref).max() <= 1
+    np.testing.assert_array_equal(resize32(img[None])[0], ref)
 
 
 def test_bad_input_is_a_clear_error():
@@ -103,6 +101,7 @@ def test_agreement_with_imagehash_on_synthetic_images():
     images = smooth_images(300, 256, seed=1)
     dist = _agreement(images)
     _assert_agrees(dist, "300 smooth synthetic images at 256")
+    assert np.mean(dist == 0) >= 0.98  # ours: the resize is exact; only float ties of the DCT median could differ
     _assert_agrees(_agreement(smooth_images(60, 224, seed=2)), "60 smooth synthetic images at 224")
 
 

@@ -13,10 +13,9 @@ This module computes the same thing for a whole batch at once:
 1. Resize: Pillow's antialiased Lanczos (a = 3) resampling is separable; its
    fixed-point coefficients are rebuilt here as two matrices, (32, W) and (32, H),
    computed once per input size, and applied with matmuls in the same order as
-   Pillow (horizontal pass, round/clip to uint8, vertical pass, round/clip). On
-   the same uint8 input this reproduces Pillow's 32x32 image (a float32 sum can
-   round differently from Pillow's integer sum when a value lies within ~1e-5 of
-   a .5 boundary; rare, and tested against imagehash).
+   Pillow (horizontal pass, round/clip to uint8, vertical pass, round/clip), in
+   float32, recomputing in float64 the rare sums that lie near a rounding boundary.
+   On the same uint8 input this reproduces Pillow's 32x32 image exactly (tested).
 2. 2-D DCT-II, unnormalised as ``scipy.fftpack.dct`` (y_k = 2 sum_n x_n cos(pi k (2n+1) / 2N)),
    only the top-left 8x8 block: ``C8 @ P @ C8.T`` with C8 the first 8 rows of the
    DCT matrix, in float64.
@@ -35,6 +34,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
@@ -116,11 +116,11 @@ def dct_matrix(n: int = RESIZED, k: int = HASH_SIZE) -> np.ndarray:
 
 
 @lru_cache(maxsize=32)
-def _resample_plan(in_size: int) -> tuple[torch.Tensor, list[tuple[int, int, int, int]]]:
-    """Horizontal-pass matrix (in_size, 32) float32 and its band blocks (o0, o1, lo, hi).
+def _resample_plan(in_size: int) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int, int, int]]]:
+    """The (32, in_size) Lanczos matrix in float32 and float64, and its band blocks (o0, o1, lo, hi).
 
-    The Lanczos matrix is banded (each output reads ~6 * scale inputs), so the
-    horizontal pass multiplies only the input columns each group of 16 outputs uses.
+    The matrix is banded (each output reads ~6 * scale inputs), so the horizontal
+    pass multiplies only the input columns each group of 16 outputs uses.
     """
     mat = resample_matrix(in_size)
     blocks = []
@@ -129,11 +129,33 @@ def _resample_plan(in_size: int) -> tuple[torch.Tensor, list[tuple[int, int, int
         cols = np.flatnonzero(np.any(mat[o0:o1] != 0, axis=0))
         lo, hi = (int(cols[0]), int(cols[-1]) + 1) if len(cols) else (0, 1)
         blocks.append((o0, o1, lo, hi))
-    return torch.from_numpy(np.ascontiguousarray(mat.T, dtype=np.float32)), blocks
+    return torch.from_numpy(mat.astype(np.float32)), torch.from_numpy(mat.copy()), blocks
+
+
+_TIE = 1e-3  # float32 sums are within ~3e-5 of the exact value; closer than this to x.5 -> recompute exactly
+
+
+def _round_like_pillow(acc: torch.Tensor, exact: Callable[[tuple[torch.Tensor, ...]], torch.Tensor]) -> torch.Tensor:
+    """Pillow's rounding of a filtered value: floor(x + 0.5), clipped to [0, 255].
+
+    ``acc`` holds float32 sums; the few that lie within ``_TIE`` of a rounding
+    boundary are recomputed by ``exact(indices)`` in float64, which is exact here
+    (8-bit pixels times 22-bit fixed-point weights), so the result equals Pillow's
+    integer arithmetic.
+    """
+    near = (acc - acc.floor() - 0.5).abs_() < _TIE
+    rounded = acc.add(0.5).floor_()
+    if near.any():
+        idx = near.nonzero(as_tuple=True)
+        rounded[idx] = torch.floor(exact(idx) + 0.5).to(rounded.dtype)
+    return rounded.clamp_(0, 255)
 
 
 def resize32(images: np.ndarray) -> np.ndarray:
     """Resize a batch of grayscale images to 32x32 exactly as Pillow's ``resize((32, 32), LANCZOS)``.
+
+    Two passes as in Pillow: horizontal (B*H, W) @ (W, 32), round to uint8, then
+    vertical (32, H) @ (B, H, 32), round to uint8.
 
     Args:
         images: (B, H, W) uint8.
@@ -147,15 +169,15 @@ def resize32(images: np.ndarray) -> np.ndarray:
         images = np.array(images)
     x = torch.from_numpy(np.ascontiguousarray(images)).to(torch.float32)
     if w != RESIZED:  # Pillow skips a pass whose size does not change
-        kt, blocks = _resample_plan(w)
+        kh, kh64, blocks = _resample_plan(w)
         flat = x.reshape(b * h, w)
-        out = torch.empty(b * h, RESIZED)
+        acc = torch.empty(b * h, RESIZED)
         for o0, o1, lo, hi in blocks:
-            torch.mm(flat[:, lo:hi], kt[lo:hi, o0:o1], out=out[:, o0:o1])
-        x = out.add_(0.5).floor_().clamp_(0, 255).reshape(b, h, RESIZED)
+            torch.mm(flat[:, lo:hi], kh[o0:o1, lo:hi].T, out=acc[:, o0:o1])
+        x = _round_like_pillow(acc, lambda i: (flat[i[0]].double() * kh64[i[1]]).sum(1)).reshape(b, h, RESIZED)
     if h != RESIZED:
-        kv = torch.from_numpy(resample_matrix(h).astype(np.float32))
-        x = torch.matmul(kv, x).add_(0.5).floor_().clamp_(0, 255)
+        kv, kv64, _ = _resample_plan(h)
+        x = _round_like_pillow(torch.matmul(kv, x), lambda i: (kv64[i[1]] * x[i[0], :, i[2]].double()).sum(1))
     return x.to(torch.uint8).numpy()
 
 
@@ -304,8 +326,9 @@ def _hash_cache(cache: Any, batch_size: int, progress: bool, workers: int | None
 
     Ours: one thread per core, each running single-threaded torch, instead of one
     batch at a time on torch's intra-op threads. The small matmuls then need no
-    thread synchronisation, which is as fast on an idle machine and degrades far
-    less on a busy one (measured: several times faster under 3x CPU oversubscription).
+    thread synchronisation between cores, which degrades far less when the machine
+    is busy (measured on 2 shared cores at load ~6: 4-6x faster than 2 intra-op
+    threads); ``benchmarks/mining.py`` times both ways in the same run.
     """
     images = cache.images
     n = len(cache)
