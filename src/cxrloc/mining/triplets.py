@@ -126,7 +126,8 @@ class TripletMiner:
         train_indices: cache rows of the training split; the anchors and the only candidates.
         cfg: mining settings (paper defaults in :class:`cxrloc.config.MiningConfig`).
         seed: base seed; epoch e uses the stream (seed, e).
-        chunk_size: anchors processed together (memory ~ chunk_size * 1500 * 12 bytes).
+        chunk_size: anchors processed together (memory ~ chunk_size * 1500 * 12 bytes); part of
+            the random stream, so keep it fixed for reproducible epochs.
 
     Example:
         >>> miner = TripletMiner(cache.labels, phash_index(cache), cache.indices("train"), cfg.mining, seed=0)
