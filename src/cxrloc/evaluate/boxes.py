@@ -21,26 +21,25 @@ From map to box (METHOD.md, inference; Wang et al. 2017):
     If no pixel is over the threshold (threshold >= the map's maximum, or a constant map),
     the box is the single pixel at the map's maximum (ours; documented, never empty).
 
-How it is computed (ours, exact and fast): the upsampled map is never thresholded pixel by
-pixel. Between four neighbouring grid cells the bilinear map is a bilinear function ``f``
-(the border half-cells are the edge values extended, i.e. a degenerate bilinear patch).
-Two facts make the work O((h + w)(H + W)) per map instead of O(H W) per threshold:
+How it is computed (ours; exact, and fast): the result is the same as thresholding the full
+upsampled map and labelling its pixels with ``scipy.ndimage.label`` (4-connectivity), but the
+upsampled map is never thresholded pixel by pixel. The pixels between four neighbouring grid
+cells form a *block* (the border half-cells are blocks too) on which the map is bilinear: along
+any pixel row or column of a block it is linear. Hence
 
-    1. Within a patch, for a fixed pixel column the map is linear in the row, so the
-       column maximum over the patch's pixel rows is attained at its first or last pixel
-       row; the pixel extent of ``{f > t}`` inside every patch follows from 2 rows and
-       2 columns of the upsampled map per patch.
-    2. Every connected piece of ``{f > t}`` inside a patch contains a grid cell centre
-       over ``t`` (``f`` is monotone along every axis-parallel line), two adjacent cell
-       centres over ``t`` are joined along their edge (``f`` is linear there), and two
-       diagonal ones are joined inside the patch iff the other two are over ``t`` or the
-       patch's saddle value is over ``t``. The components of ``{f > t}`` are therefore
-       the components of a small graph on the grid cells, labelled with
-       ``scipy.ndimage.label`` for all thresholds at once.
+    1. every pixel over the threshold reaches a *corner pixel* of its block (first/last row x
+       first/last column) by a monotone walk along its column, then along that row, so every
+       component holds a corner pixel, and its bounding box is attained on the blocks' first and
+       last pixel rows and columns;
+    2. on each such row (column) segment of a block the pixels over the threshold form one
+       interval touching an end of the segment.
 
-Components are those of the continuous bilinear map; they agree with a pixel-level
-``scipy.ndimage.label`` of the upsampled map except where a neck narrower than a pixel
-joins two blobs (the test suite compares both on random maps).
+Components are therefore labelled on a small graph whose nodes are the corner pixels
+(2(h+1) x 2(w+1) of them), joined along a segment when both ends are over the threshold, across
+two adjacent blocks when their facing row (column) intervals overlap, and inside a block whose
+only over-threshold corners are diagonal by labelling that block's pixels (rare). All
+thresholds are handled in one ``scipy.sparse.csgraph.connected_components`` call; a map costs
+O((h + w)(H + W)) instead of O(H W) per threshold.
 """
 
 from __future__ import annotations
@@ -49,13 +48,12 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-from scipy import ndimage
+from scipy import ndimage, sparse
+from scipy.sparse.csgraph import connected_components
 
 BoxMode = Literal["max_component", "all", "components"]
 BOX_MODES: tuple[str, ...] = ("max_component", "all", "components")
 
-_GRAPH_STRUCTURE = np.zeros((3, 3, 3), dtype=bool)
-_GRAPH_STRUCTURE[1] = True  # 8-connectivity inside each threshold's slice, none across slices
 
 
 # --------------------------------------------------------------------------- box arithmetic
@@ -224,185 +222,198 @@ def boxes_from_map(
     if W < 1 or H < 1:
         raise ValueError(f"image size must be positive, got {size}")
     ts = np.atleast_1d(np.asarray(thresholds, dtype=np.float64))
-    h, w = grid.shape
-    ay, ax = _Axis.make(H, h), _Axis.make(W, w)
-    padded = np.pad(grid, 1, mode="edge")  # (h+2, w+2)
-    right = ax.sample(padded, axis=1)  # (h+2, W): the grid's rows interpolated along x
-    by = np.flatnonzero(ay.starts <= ay.ends)  # non-empty row bands
-    bx = np.flatnonzero(ax.starts <= ax.ends)
-    # fact 1: the maximum over a row band's pixel rows is at its first or last row (per column),
-    # and likewise per column band; the same rows give the upsampled map's maximum pixel
-    first_rows = ay.sample(right, ay.starts[by])  # (nby, W)
-    last_rows = ay.sample(right, ay.ends[by])
-    colmax = np.maximum(first_rows, last_rows)  # (nby, W)
-    down = ay.sample(padded, axis=0)  # (H, w+2)
-    rowmax = np.maximum(ax.sample(down, ax.starts[bx], axis=1), ax.sample(down, ax.ends[bx], axis=1)).T  # (nbx, H)
-    x_lo, x_hi = _band_extents(colmax, ts, ax.starts[bx])  # (T, nby, nbx)
-    y_lo, y_hi = _band_extents(rowmax, ts, ay.starts[by])  # (T, nbx, nby)
-    y_lo, y_hi = y_lo.transpose(0, 2, 1), y_hi.transpose(0, 2, 1)  # (T, nby, nbx)
-    edge_rows = np.concatenate([ay.starts[by], ay.ends[by]])
-    edge_vals = np.concatenate([first_rows, last_rows])
-    peak_value = float(edge_vals.max())
-    cand_r, cand_c = np.nonzero(edge_vals == peak_value)
-    first = np.lexsort((cand_c, edge_rows[cand_r]))[0]  # smallest row, then column (np.argmax order)
-    peak_pixel = (int(edge_rows[cand_r[first]]), int(cand_c[first]))
-    fallback = np.array([peak_pixel[1], peak_pixel[0], 1.0, 1.0])
-
+    lat = _Lattice(grid, W, H)
+    row_lo, row_hi = _segment_extents(lat.rows, ts, lat.col_first)  # (T, nR, nbx) x-intervals on lattice rows
+    col_lo, col_hi = _segment_extents(lat.cols, ts, lat.row_first)  # (T, nC, nby) y-intervals on lattice columns
+    fallback = np.array([lat.peak[1], lat.peak[0], 1.0, 1.0])
     if mode == "all":
         out = []
         for t in range(len(ts)):
-            box = _union_box(x_lo[t], x_hi[t], y_lo[t], y_hi[t], np.ones(x_lo[t].shape, bool))
-            out.append((box if box is not None else fallback)[None])
+            rows_ok, cols_ok = row_lo[t] <= row_hi[t], col_lo[t] <= col_hi[t]
+            if not rows_ok.any():
+                out.append(fallback[None])
+                continue
+            x0, x1 = row_lo[t][rows_ok].min(), row_hi[t][rows_ok].max()
+            y0, y1 = col_lo[t][cols_ok].min(), col_hi[t][cols_ok].max()
+            out.append(np.array([[x0, y0, x1 - x0 + 1, y1 - y0 + 1]], dtype=np.float64))
         return out
 
-    labels, patch_on, split = _component_graph(padded, ts)
+    labels = lat.components(ts, row_lo, row_hi, col_lo, col_hi)  # (T, nR * nC)
+    row_owner = lat.row_segment_owner(row_lo)  # (T, nR, nbx) node holding each row interval
+    col_owner = lat.col_segment_owner(col_lo)  # (T, nC, nby)
     out = []
     for t in range(len(ts)):
-        lab = labels[t]
-        patch_lab = np.where(patch_on[t], lab[1::2, 1::2], 0)[np.ix_(by, bx)]  # (nby, nbx)
+        row_ok, col_ok = row_lo[t] <= row_hi[t], col_lo[t] <= col_hi[t]
+        row_lab = labels[t][row_owner[t]][row_ok]
+        col_lab = labels[t][col_owner[t]][col_ok]
         if mode == "max_component":
-            comp = _pixel_component(padded, ay, ax, lab, patch_on[t], peak_pixel) if peak_value > ts[t] else 0
-            wanted = [comp] if comp > 0 else []
-        else:  # every component holds at least one grid cell over the threshold
-            wanted = [int(c) for c in np.unique(lab[::2, ::2]) if c > 0]
-        boxes: list[tuple[float, np.ndarray]] = []
+            if lat.peak_value <= ts[t]:
+                out.append(fallback[None])
+                continue
+            wanted = np.array([labels[t][lat.peak_node]])
+        else:
+            wanted = np.unique(row_lab)
+        boxes = []
         for comp in wanted:
-            member = patch_lab == comp
-            box = _union_box(x_lo[t], x_hi[t], y_lo[t], y_hi[t], member)
-            for piece in _split_pieces(padded, ay, ax, split[t], lab, comp, ts[t]):
-                box = piece if box is None else _merge_boxes(box, piece)
-            if box is not None:
-                boxes.append((_component_peak(padded, lab, comp), box))
+            in_rows, in_cols = row_lab == comp, col_lab == comp
+            x0, x1 = row_lo[t][row_ok][in_rows].min(), row_hi[t][row_ok][in_rows].max()
+            y0, y1 = col_lo[t][col_ok][in_cols].min(), col_hi[t][col_ok][in_cols].max()
+            peak = lat.values.ravel()[labels[t] == comp].max()
+            boxes.append((peak, [x0, y0, x1 - x0 + 1, y1 - y0 + 1]))
         if not boxes:
             out.append(fallback[None])
-        else:
-            boxes.sort(key=lambda item: -item[0])
-            out.append(np.stack([b for _, b in boxes]))
+            continue
+        boxes.sort(key=lambda item: -item[0])
+        out.append(np.array([b for _, b in boxes], dtype=np.float64))
     return out
 
 
-def _band_extents(maxima: np.ndarray, ts: np.ndarray, starts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """First/last pixel index over the threshold in each band segment.
+def _segment_extents(lines: np.ndarray, ts: np.ndarray, starts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """First/last pixel over the threshold on every segment of every line (fact 2).
 
     Args:
-        maxima: (nb_other, n_pix) maxima of the map over the other axis' band.
+        lines: (n_lines, n_pix) map values along lattice rows (or columns).
         ts: (T,) thresholds.
-        starts: (nb,) first pixel of each non-empty band on this axis (bands are contiguous
-            and cover every pixel, so band i is ``[starts[i], starts[i + 1])``).
+        starts: (nb,) first pixel of each non-empty band along the line; bands are contiguous
+            and cover every pixel, so segment i is ``[starts[i], starts[i + 1])``.
 
     Returns:
-        lo, hi: (T, nb_other, nb); lo > hi where no pixel is over the threshold.
+        lo, hi: (T, n_lines, nb); lo > hi where no pixel of the segment is over the threshold.
     """
-    n_pix = maxima.shape[1]
-    over = maxima[None] > ts[:, None, None]  # (T, nb_other, n_pix)
+    n_pix = lines.shape[1]
+    over = lines[None] > ts[:, None, None]
     idx = np.arange(n_pix)
     lo = np.minimum.reduceat(np.where(over, idx, n_pix), starts, axis=2)
     hi = np.maximum.reduceat(np.where(over, idx, -1), starts, axis=2)
     return lo, hi
 
 
-def _union_box(x_lo, x_hi, y_lo, y_hi, member) -> np.ndarray | None:
-    ok = member & (x_lo <= x_hi)
-    if not ok.any():
-        return None
-    x0, x1 = x_lo[ok].min(), x_hi[ok].max()
-    y0, y1 = y_lo[ok].min(), y_hi[ok].max()
-    return np.array([x0, y0, x1 - x0 + 1, y1 - y0 + 1], dtype=np.float64)
+class _Lattice:
+    """The corner pixels of the blocks of an upsampled map and the lines through them.
 
-
-def _merge_boxes(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    x0, y0 = min(a[0], b[0]), min(a[1], b[1])
-    x1, y1 = max(a[0] + a[2], b[0] + b[2]), max(a[1] + a[3], b[1] + b[3])
-    return np.array([x0, y0, x1 - x0, y1 - y0], dtype=np.float64)
-
-
-def _pixel_component(padded, ay: _Axis, ax: _Axis, lab, patch_on_t, pixel: tuple[int, int]) -> int:
-    """Label of the component holding ``pixel`` (row, col), whose value is over the threshold."""
-    k, j = int(ay.band[pixel[0]]), int(ax.band[pixel[1]])
-    if patch_on_t[k, j]:
-        return int(lab[2 * k + 1, 2 * j + 1])
-    # a split patch: the piece is the quadrant around the saddle that holds the pixel
-    ga, gb, gc, ge = padded[k, j], padded[k, j + 1], padded[k + 1, j], padded[k + 1, j + 1]
-    denom = ga - gb - gc + ge
-    du = int(ax.frac[pixel[1]] > (ga - gc) / denom)
-    dv = int(ay.frac[pixel[0]] > (ga - gb) / denom)
-    return int(lab[2 * (k + dv), 2 * (j + du)])
-
-
-def _component_peak(padded: np.ndarray, lab: np.ndarray, comp: int) -> float:
-    corners = lab[::2, ::2] == comp
-    return float(padded[corners].max()) if corners.any() else -np.inf
-
-
-def _saddle_values(padded: np.ndarray) -> np.ndarray:
-    """Saddle value of the bilinear function in every patch (h+1, w+1); +inf where there is none."""
-    a, b = padded[:-1, :-1], padded[:-1, 1:]
-    c, e = padded[1:, :-1], padded[1:, 1:]
-    denom = a + e - b - c
-    with np.errstate(divide="ignore", invalid="ignore"):
-        s = (a * e - b * c) / denom
-    return np.where(denom != 0, s, np.inf)
-
-
-def _component_graph(padded: np.ndarray, ts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Label the components of ``{f > t}`` for every threshold (fact 2 of the module docstring).
-
-    Nodes on a (2P - 1, 2Q - 1) lattice for the padded grid (P, Q) = (h + 2, w + 2): cells at
-    (even, even), edges between adjacent cells at (even, odd) / (odd, even), patches at
-    (odd, odd). A patch node is on when the patch's part of ``{f > t}`` is non-empty and
-    connected; 8-connectivity then joins exactly what the bilinear map joins.
-
-    Returns:
-        labels (T, 2P - 1, 2Q - 1) int, patch_on (T, P - 1, Q - 1) bool, split (T, P - 1, Q - 1)
-        bool: patches whose part of ``{f > t}`` is two pieces around diagonal corners.
+    Attributes:
+        rows: (nR, W) map values on the lattice rows (first/last pixel row of every row band).
+        cols: (nC, H) map values on the lattice columns.
+        values: (nR, nC) map values at the lattice (corner) pixels.
+        row_first, row_last: (nby,) first/last pixel row of each non-empty row band (cols alike).
+        peak, peak_value, peak_node: the upsampled map's maximum pixel (row, col) (first in
+            row-major order, as ``np.argmax``), its value, its lattice node.
     """
-    on = padded[None] > ts[:, None, None]  # (T, P, Q)
-    T, P, Q = on.shape
-    nodes = np.zeros((T, 2 * P - 1, 2 * Q - 1), dtype=bool)
-    nodes[:, ::2, ::2] = on
-    nodes[:, ::2, 1::2] = on[:, :, :-1] & on[:, :, 1:]
-    nodes[:, 1::2, ::2] = on[:, :-1, :] & on[:, 1:, :]
-    a, b, c, e = on[:, :-1, :-1], on[:, :-1, 1:], on[:, 1:, :-1], on[:, 1:, 1:]
-    diagonal_only = (a & e & ~b & ~c) | (b & c & ~a & ~e)
-    saddle_over = _saddle_values(padded)[None] > ts[:, None, None]
-    split = diagonal_only & ~saddle_over
-    patch_on = (a | b | c | e) & ~split
-    nodes[:, 1::2, 1::2] = patch_on
-    labels, _ = ndimage.label(nodes, structure=_GRAPH_STRUCTURE)
-    return labels, patch_on, split
 
+    def __init__(self, grid: np.ndarray, W: int, H: int) -> None:
+        h, w = grid.shape
+        self.ay, self.ax = _Axis.make(H, h), _Axis.make(W, w)
+        self.padded = np.pad(grid, 1, mode="edge")
+        by = np.flatnonzero(self.ay.starts <= self.ay.ends)
+        bx = np.flatnonzero(self.ax.starts <= self.ax.ends)
+        self.row_first, self.row_last = self.ay.starts[by], self.ay.ends[by]
+        self.col_first, self.col_last = self.ax.starts[bx], self.ax.ends[bx]
+        self.R = np.unique(np.r_[self.row_first, self.row_last])
+        self.C = np.unique(np.r_[self.col_first, self.col_last])
+        self.rows = self.ay.sample(self.ax.sample(self.padded, axis=1), self.R)  # (nR, W)
+        self.cols = self.ax.sample(self.ay.sample(self.padded, axis=0), self.C, axis=1).T  # (nC, H)
+        self.values = self.rows[:, self.C]
+        self.nR, self.nC = len(self.R), len(self.C)
+        # lattice indices of each band's first / last line
+        self.iy0, self.iy1 = np.searchsorted(self.R, self.row_first), np.searchsorted(self.R, self.row_last)
+        self.jx0, self.jx1 = np.searchsorted(self.C, self.col_first), np.searchsorted(self.C, self.col_last)
+        # the maximum lies on a lattice row (fact 1); first occurrence in row-major order
+        self.peak_value = float(self.rows.max())
+        r_idx, c = np.nonzero(self.rows == self.peak_value)
+        first = np.lexsort((c, self.R[r_idx]))[0]
+        self.peak = (int(self.R[r_idx[first]]), int(c[first]))
+        m = int(np.searchsorted(self.C, self.peak[1]))
+        if m >= self.nC or self.C[m] != self.peak[1]:  # cannot happen for a bilinear map; be safe
+            m = int(np.argmin(np.abs(self.C - self.peak[1])))
+        self.peak_node = int(r_idx[first]) * self.nC + m
 
-def _split_pieces(padded, ay: _Axis, ax: _Axis, split_t, lab, comp, t) -> list[np.ndarray]:
-    """Boxes of the pieces of split patches (saddle below ``t``) that belong to component ``comp``.
+    def row_segment_owner(self, row_lo: np.ndarray) -> np.ndarray:
+        """Node holding each row-segment interval: its left end if the interval starts there, else its right end."""
+        left = row_lo == self.col_first[None, None, :]
+        col = np.where(left, self.jx0[None, None, :], self.jx1[None, None, :])
+        return np.arange(self.nR)[None, :, None] * self.nC + col
 
-    Such a patch holds two pieces of ``{f > t}`` in opposite quadrants around its saddle point;
-    a piece belongs to the component of its corner. Rare, so computed on the patch's pixels.
-    """
-    pieces = []
-    cells = lab[::2, ::2]
-    for k, j in zip(*np.nonzero(split_t), strict=True):
-        corner_labels = {(0, 0): cells[k, j], (0, 1): cells[k, j + 1], (1, 0): cells[k + 1, j], (1, 1): cells[k + 1, j + 1]}
-        mine = [pos for pos, value in corner_labels.items() if value == comp]
-        if not mine:
-            continue
-        r0, r1 = ay.starts[k], ay.ends[k]
-        c0, c1 = ax.starts[j], ax.ends[j]
-        if r0 > r1 or c0 > c1:
-            continue
-        block = ay.sample(ax.sample(padded, np.arange(c0, c1 + 1), axis=1), np.arange(r0, r1 + 1))
-        over = block > t
-        if len(mine) < 2:  # only one of the two pieces: restrict to its quadrant around the saddle
-            ga, gb, gc, ge = padded[k, j], padded[k, j + 1], padded[k + 1, j], padded[k + 1, j + 1]
-            denom = ga - gb - gc + ge
-            u_s, v_s = (ga - gc) / denom, (ga - gb) / denom
-            u = ax.frac[c0 : c1 + 1]
-            v = ay.frac[r0 : r1 + 1]
-            (dv, du) = mine[0]
-            in_u = u > u_s if du else u < u_s
-            in_v = v > v_s if dv else v < v_s
-            over &= in_v[:, None] & in_u[None, :]
-        rows = np.flatnonzero(over.any(axis=1))
-        cols = np.flatnonzero(over.any(axis=0))
-        if len(rows):
-            pieces.append(np.array([c0 + cols[0], r0 + rows[0], cols[-1] - cols[0] + 1, rows[-1] - rows[0] + 1], dtype=np.float64))
-    return pieces
+    def col_segment_owner(self, col_lo: np.ndarray) -> np.ndarray:
+        """Node holding each column-segment interval (top end if it starts there, else bottom end)."""
+        top = col_lo == self.row_first[None, None, :]
+        row = np.where(top, self.iy0[None, None, :], self.iy1[None, None, :])
+        return row * self.nC + np.arange(self.nC)[None, :, None]
+
+    def components(self, ts, row_lo, row_hi, col_lo, col_hi) -> np.ndarray:
+        """Component label of every lattice node at every threshold -> (T, nR * nC)."""
+        T, n = len(ts), self.nR * self.nC
+        on = self.values[None] > ts[:, None, None]  # (T, nR, nC)
+        node = np.arange(n).reshape(self.nR, self.nC)
+        offset = (np.arange(T) * n)[:, None]
+        src, dst = [], []
+
+        def add(mask, a, b):  # mask (T, ...) ; a, b node ids broadcastable to mask
+            tt = np.nonzero(mask)
+            a = np.broadcast_to(a, mask.shape)[tt]
+            b = np.broadcast_to(b, mask.shape)[tt]
+            src.append(offset[tt[0], 0] + a)
+            dst.append(offset[tt[0], 0] + b)
+
+        # along lattice rows / columns inside a band: both ends over -> the whole segment is over
+        a, b = node[:, self.jx0], node[:, self.jx1]  # (nR, nbx)
+        add(on[:, :, self.jx0] & on[:, :, self.jx1], a[None], b[None])
+        a, b = node[self.iy0, :], node[self.iy1, :]  # (nby, nC)
+        add(on[:, self.iy0, :] & on[:, self.iy1, :], a[None], b[None])
+        # across two adjacent bands: facing intervals overlap
+        row_owner, col_owner = self.row_segment_owner(row_lo), self.col_segment_owner(col_lo)
+        i1, i2 = self.iy1[:-1], self.iy0[1:]  # last row of band k, first row of band k + 1
+        if len(i1):
+            ok = (row_lo[:, i1] <= row_hi[:, i1]) & (row_lo[:, i2] <= row_hi[:, i2])
+            ok &= np.maximum(row_lo[:, i1], row_lo[:, i2]) <= np.minimum(row_hi[:, i1], row_hi[:, i2])
+            add(ok, row_owner[:, i1], row_owner[:, i2])
+        m1, m2 = self.jx1[:-1], self.jx0[1:]
+        if len(m1):
+            ok = (col_lo[:, m1] <= col_hi[:, m1]) & (col_lo[:, m2] <= col_hi[:, m2])
+            ok &= np.maximum(col_lo[:, m1], col_lo[:, m2]) <= np.minimum(col_hi[:, m1], col_hi[:, m2])
+            add(ok, col_owner[:, m1], col_owner[:, m2])
+        # inside a block whose only over-threshold corners are diagonal: label its pixels (rare).
+        # Joined at t means joined at every lower t, so bisect over that block's thresholds.
+        ca, cb = on[:, self.iy0][:, :, self.jx0], on[:, self.iy0][:, :, self.jx1]  # (T, nby, nbx)
+        cc, ce = on[:, self.iy1][:, :, self.jx0], on[:, self.iy1][:, :, self.jx1]
+        diagonal = (ca & ce & ~cb & ~cc) | (cb & cc & ~ca & ~ce)
+        for k, j in zip(*np.nonzero(diagonal.any(axis=0)), strict=True):
+            t_idx = np.flatnonzero(diagonal[:, k, j])
+            t_idx = t_idx[np.argsort(ts[t_idx])]
+            main = bool(ca[t_idx[0], k, j])
+            a, b = self._diagonal_nodes(k, j, main)
+            joined = self._diagonal_joined(ts[t_idx], k, j, main)  # prefix of t_idx (lowest thresholds)
+            for t in t_idx[:joined]:
+                src.append(np.array([t * n + a]))
+                dst.append(np.array([t * n + b]))
+        src_all = np.concatenate(src) if src else np.zeros(0, dtype=np.int64)
+        dst_all = np.concatenate(dst) if dst else np.zeros(0, dtype=np.int64)
+        graph = sparse.coo_matrix((np.ones(len(src_all), dtype=np.int8), (src_all, dst_all)), shape=(T * n, T * n))
+        _, labels = connected_components(graph, directed=False)
+        return labels.reshape(T, n)
+
+    def _diagonal_nodes(self, k: int, j: int, main: bool) -> tuple[int, int]:
+        """Lattice nodes of the two over-threshold diagonal corners of block (k, j)."""
+        top, bottom = self.iy0[k] * self.nC, self.iy1[k] * self.nC
+        if main:
+            return int(top + self.jx0[j]), int(bottom + self.jx1[j])
+        return int(top + self.jx1[j]), int(bottom + self.jx0[j])
+
+    def _diagonal_joined(self, ts_sorted: np.ndarray, k: int, j: int, main: bool) -> int:
+        """How many of the (increasing) thresholds join the block's two diagonal corners through its pixels."""
+        r0, r1 = self.row_first[k], self.row_last[k]
+        c0, c1 = self.col_first[j], self.col_last[j]
+        block = self.ay.sample(self.ax.sample(self.padded, np.arange(c0, c1 + 1), axis=1), np.arange(r0, r1 + 1))
+        ends = ((0, 0), (-1, -1)) if main else ((0, -1), (-1, 0))
+
+        def joined(t: float) -> bool:
+            lab, _ = ndimage.label(block > t)
+            return bool(lab[ends[0]] != 0 and lab[ends[0]] == lab[ends[1]])
+
+        lo, hi = 0, len(ts_sorted)  # answer in [lo, hi]: thresholds [0, answer) are joined
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if joined(ts_sorted[mid]):
+                lo = mid + 1
+            else:
+                hi = mid
+        return lo
