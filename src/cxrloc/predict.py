@@ -176,6 +176,7 @@ class Predictor:
 
     def run_batch(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(B, S, S) uint8 -> probabilities (B, 14) and eq. 11 grid maps (B, 14, h, w), float32 numpy."""
+        images = images if images.flags.writeable else images.copy()
         x = batch_transform(torch.from_numpy(images).to(self.device), self.cfg.data, train=False)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
