@@ -5,11 +5,13 @@ import torch.nn.functional as F
 from torchvision.transforms.v2 import functional as TF
 
 from cxrloc.config import DataConfig
+from cxrloc.data.io import read_image_resized
 from cxrloc.data.transforms import (
     SampleTransform,
     augment_params,
     batch_transform,
     eval_transform,
+    load_model_input,
     train_transform,
 )
 
@@ -30,14 +32,38 @@ def test_eval_shape_and_normalisation():
         torch.testing.assert_close(out[:, c], torch.full((2, 224, 224), expected), atol=1e-5, rtol=0)
 
 
-def test_resize_is_antialiased_bilinear():
-    rng = np.random.default_rng(0)
-    images = torch.from_numpy(rng.integers(0, 256, (3, 256, 256), dtype=np.uint8))
-    out = batch_transform(images, CFG)
-    ref = F.interpolate(images[:, None].float() / 255, size=(224, 224), mode="bilinear", antialias=True, align_corners=False)
+def _to_unit(out):
     std = torch.tensor(CFG.std).view(1, 3, 1, 1)
     mean = torch.tensor(CFG.mean).view(1, 3, 1, 1)
-    torch.testing.assert_close(out * std + mean, ref.expand(-1, 3, -1, -1), atol=1e-5, rtol=0)
+    return out * std + mean
+
+
+def test_resize_from_cache_size_is_bilinear_and_large_sources_are_antialiased():
+    rng = np.random.default_rng(0)
+    images = torch.from_numpy(rng.integers(0, 256, (3, 256, 256), dtype=np.uint8))
+    ref = F.interpolate(images[:, None].float() / 255, size=(224, 224), mode="bilinear", antialias=False, align_corners=False)
+    torch.testing.assert_close(_to_unit(batch_transform(images, CFG)), ref.expand(-1, 3, -1, -1), atol=1e-5, rtol=0)
+    big = torch.from_numpy(rng.integers(0, 256, (2, 1024, 1024), dtype=np.uint8))
+    ref = F.interpolate(big[:, None].float() / 255, size=(224, 224), mode="bilinear", antialias=True, align_corners=False)
+    out = _to_unit(batch_transform(big, CFG))
+    torch.testing.assert_close(out, ref.expand(-1, 3, -1, -1), atol=1e-5, rtol=0)
+    assert out.std() < 0.05  # uniform noise averaged out, no aliasing
+
+
+def test_one_resampling_from_cache_matches_affine_grid_reference():
+    rng = np.random.default_rng(4)
+    images = torch.from_numpy(rng.integers(0, 256, (4, 256, 256), dtype=np.uint8))
+    angles = torch.tensor([4.5, -2.0, 0.0, -5.0])
+    flips = torch.tensor([False, True, True, False])
+    out = _to_unit(batch_transform(images, CFG, angles=angles, flips=flips))
+    rad = angles * np.pi / 180
+    sign = torch.where(flips, -1.0, 1.0)
+    theta = torch.zeros(4, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 1] = torch.cos(rad) * sign, -torch.sin(rad)
+    theta[:, 1, 0], theta[:, 1, 1] = torch.sin(rad) * sign, torch.cos(rad)
+    grid = F.affine_grid(theta, [4, 1, 224, 224], align_corners=False)
+    ref = F.grid_sample(images[:, None].float() / 255, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    torch.testing.assert_close(out, ref.expand(-1, 3, -1, -1), atol=1e-4, rtol=0)  # float32 rounding only
 
 
 def _unnormalise(x):
@@ -109,6 +135,14 @@ def test_batch_accepts_channel_dim_and_float():
     torch.testing.assert_close(out, batch_transform(img.float() / 255, small))
     with pytest.raises(ValueError, match=r"\(B, S, S\)"):
         batch_transform(torch.zeros(2, 3, 8, 8, dtype=torch.uint8), small)
+
+
+def test_load_model_input_matches_the_cache_path(sample_dir):
+    path = sample_dir / "images" / "00000001_000.png"
+    x, size = load_model_input(path, CFG, cache_size=256)
+    assert size == (1024, 1024) and x.shape == (3, 224, 224)
+    cached, _ = read_image_resized(path, 256)  # what prepare stores
+    torch.testing.assert_close(x, eval_transform(CFG)(cached))
 
 
 @pytest.mark.gpu

@@ -6,25 +6,36 @@ One implementation serves both paths:
 - :func:`batch_transform` works on a whole uint8 batch ``(B, S, S)`` on any device
   (the training engine calls it on the GPU after the DataLoader hands over raw
   cache rows: METHOD's augmentation "on the batch tensor where that is faster").
-  Rotation and flip are one ``affine_grid`` / ``grid_sample`` per batch, with
-  per-sample parameters drawn from a ``torch.Generator``.
+  Resize, rotation and flip are one ``grid_sample`` per batch, with per-sample
+  parameters drawn from a ``torch.Generator``.
 - :class:`SampleTransform` applies the same function to one ``(S, S)`` image
   (a batch of one), for DataLoader workers and for prediction on single files.
 
-Order of operations (ours): antialiased bilinear resize to ``image_size``, then
-rotation about the centre (bilinear, black fill outside the image) and flip,
-then normalisation. Rotating after the resize costs 224^2 instead of S^2 samples.
+Resampling (ours): from the cache (S = 256 -> 224, a factor of 1.14) the resize,
+the rotation about the centre and the flip are a single bilinear resampling
+(black outside the image), the same in training and evaluation (there with angle
+0, i.e. a plain bilinear resize): one interpolation blurs less than two, and at
+this factor bilinear sampling needs no extra antialiasing (the cache itself was
+made with an antialiased Lanczos filter). A source more than
+:data:`DIRECT_RESAMPLE_MAX_SCALE` times larger than the output (e.g. a 1024 px
+original at prediction time) is first resized with an antialiased bilinear filter.
+Normalisation comes last.
 """
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from cxrloc.config import DataConfig
+
+#: A source more than this many times larger than the output is first resized with an antialiased
+#: filter; up to it, resize + rotation + flip are one bilinear resampling (ours, see the module doc).
+DIRECT_RESAMPLE_MAX_SCALE = 1.5
 
 
 def augment_params(
@@ -72,44 +83,42 @@ def batch_transform(
     unit = 255.0 if images.dtype == torch.uint8 else 1.0
     x = x.float()
     size = int(cfg.image_size)
-    if x.shape[-2:] != (size, size):
+    if max(x.shape[-2:]) > DIRECT_RESAMPLE_MAX_SCALE * size:
         x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    b = x.shape[0]
     if train and angles is None and flips is None:
-        angles, flips = augment_params(b, cfg, generator)
-    if angles is not None or flips is not None:
-        x = _rotate_flip(x, angles, flips)
+        angles, flips = augment_params(x.shape[0], cfg, generator)
+    x = _resample(x, size, angles, flips)
     scale = 1.0 / (unit * torch.tensor(cfg.std, dtype=torch.float64))
     shift = -torch.tensor(cfg.mean, dtype=torch.float64) / torch.tensor(cfg.std, dtype=torch.float64)
     # (x - mean_c) / std_c for c = 0..2 in one broadcasting pass: (B, 1, H, W) -> (B, 3, H, W)
     return torch.addcmul(shift.to(x).view(1, 3, 1, 1), x, scale.to(x).view(1, 3, 1, 1))
 
 
-def _rotate_flip(x: torch.Tensor, angles: torch.Tensor | None, flips: torch.Tensor | None) -> torch.Tensor:
-    """Rotate each image by ``angles`` degrees (counter-clockwise, about the centre), then flip where ``flips``.
+def _resample(x: torch.Tensor, size: int, angles: torch.Tensor | None, flips: torch.Tensor | None) -> torch.Tensor:
+    """(B, 1, h, w) -> (B, 1, size, size): bilinear resize, rotation by ``angles`` degrees (counter-clockwise,
+    about the centre) and horizontal flip where ``flips``, as one resampling.
 
     The sampling grid maps output to input coordinates: in = R (F out), R = [[cos, -sin], [sin, cos]],
-    F = diag(-1, 1) for a flipped sample (normalised coordinates, y pointing down).
+    F = diag(-1, 1) for a flipped sample (normalised coordinates, y pointing down, align_corners=False).
     """
     b = x.shape[0]
     a = torch.zeros(b) if angles is None else angles.detach().float().cpu().reshape(b)
     f = torch.zeros(b, dtype=torch.bool) if flips is None else flips.detach().bool().cpu().reshape(b)
-    if not torch.any(a != 0) and not torch.any(f):
-        return x
-    if not torch.any(a != 0):  # flips only: exact, no resampling
-        return torch.where(f.to(x.device).view(b, 1, 1, 1), x.flip(-1), x)
+    if not torch.any(a != 0):  # no rotation: plain bilinear resize (same as the identity grid) and exact flips
+        if x.shape[-2:] != (size, size):
+            x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=False, align_corners=False)
+        return torch.where(f.to(x.device).view(b, 1, 1, 1), x.flip(-1), x) if torch.any(f) else x
     rad = a * (math.pi / 180.0)
     dev, dt = x.device, x.dtype
     cos, sin = torch.cos(rad).to(dev, dt).view(b, 1, 1), torch.sin(rad).to(dev, dt).view(b, 1, 1)
     sign = torch.where(f, -1.0, 1.0).to(dev, dt).view(b, 1, 1)
-    h, w = x.shape[-2:]
-    # normalised pixel-centre coordinates (align_corners=False), as F.affine_grid builds them
-    xs = ((torch.arange(w, device=dev, dtype=dt) * 2 + 1) / w - 1).view(1, 1, w)
-    ys = ((torch.arange(h, device=dev, dtype=dt) * 2 + 1) / h - 1).view(1, h, 1)
-    # in = R F out; the image y axis points down, so this turns the content counter-clockwise on screen
-    # (as torchvision's rotate does). Each coordinate is a sum of a row and a column term, written
-    # straight into the grid: several times faster on the CPU than F.affine_grid.
-    grid = torch.empty(b, h, w, 2, device=dev, dtype=dt)
+    # normalised output pixel centres (align_corners=False), as F.affine_grid builds them
+    xs = ((torch.arange(size, device=dev, dtype=dt) * 2 + 1) / size - 1).view(1, 1, size)
+    ys = xs.view(1, size, 1)
+    # the image y axis points down, so this turns the content counter-clockwise on screen (as
+    # torchvision's rotate does). Each coordinate is a row term plus a column term, written straight
+    # into the grid: several times faster on the CPU than F.affine_grid.
+    grid = torch.empty(b, size, size, 2, device=dev, dtype=dt)
     torch.add(cos * sign * xs, -sin * ys, out=grid[..., 0])
     torch.add(sin * sign * xs, cos * ys, out=grid[..., 1])
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
@@ -147,3 +156,20 @@ def train_transform(cfg: DataConfig | None = None) -> SampleTransform:
 def eval_transform(cfg: DataConfig | None = None) -> SampleTransform:
     """Evaluation / prediction transform: resize and normalise only."""
     return SampleTransform(cfg, train=False)
+
+
+def load_model_input(path: str | Path, cfg: DataConfig | None = None, cache_size: int = 256) -> tuple[torch.Tensor, tuple[int, int]]:
+    """A raw image file -> evaluation input, through exactly the steps a cached image takes.
+
+    Decode to grayscale, Lanczos resize to ``cache_size`` (as ``cxrloc prepare`` does), then
+    :func:`eval_transform`. Prediction on new files should use this (with the cache size the
+    model was trained on) so that it sees the same resampling as in training.
+
+    Returns:
+        ``(x, (width, height))``: x (3, H, H) float32 and the original image size (for boxes in pixels).
+    """
+    from cxrloc.data.io import read_image_resized
+
+    image, orig_size = read_image_resized(path, cache_size)
+    return eval_transform(cfg)(image), orig_size
+
