@@ -1,4 +1,5 @@
 import struct
+import sys
 import zlib
 
 import numpy as np
@@ -13,11 +14,6 @@ from cxrloc.data.io import (
     resize_gray,
     scale_to_uint8,
 )
-
-pydicom = pytest.importorskip("pydicom")  # the `dicom` extra; installed in CI
-from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
-from pydicom.encaps import encapsulate  # noqa: E402
-from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless, generate_uid  # noqa: E402
 
 
 @pytest.fixture
@@ -144,8 +140,16 @@ def test_decompression_bomb_refused_before_decoding(tmp_path):
 # --------------------------------------------------------------------------- DICOM
 
 
+EXPLICIT_LE, JPEG_LS_LOSSLESS = "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.4.80"
+
+
 def write_dicom(path, pixels, photometric="MONOCHROME2", slope=None, intercept=None, center=None, width=None,
-                function=None, transfer_syntax=ExplicitVRLittleEndian, pixel_data=True, bits_stored=12):
+                function=None, transfer_syntax=EXPLICIT_LE, pixel_data=True, bits_stored=12):
+    pytest.importorskip("pydicom")  # the `dicom` extra (installed in CI); only the DICOM tests need it
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import generate_uid
+
     meta = FileMetaDataset()
     meta.TransferSyntaxUID = transfer_syntax
     meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # digital X-ray
@@ -164,7 +168,7 @@ def write_dicom(path, pixels, photometric="MONOCHROME2", slope=None, intercept=N
         ds.VOILUTFunction = function
     if pixel_data:
         raw = pixels.astype("<u2").tobytes()
-        ds.PixelData = encapsulate([raw]) if transfer_syntax != ExplicitVRLittleEndian else raw
+        ds.PixelData = encapsulate([raw]) if transfer_syntax != EXPLICIT_LE else raw
     ds.save_as(path, enforce_file_format=True)
     return path
 
@@ -196,7 +200,7 @@ def test_dicom_rescale_and_window(tmp_path, ramp):
 def test_dicom_without_pixels_or_with_unsupported_syntax(tmp_path, ramp):
     with pytest.raises(ImageDecodeError, match="nopix.dcm: DICOM file has no pixel data"):
         read_image(write_dicom(tmp_path / "nopix.dcm", ramp, pixel_data=False))
-    path = write_dicom(tmp_path / "jls.dcm", ramp, transfer_syntax=JPEGLSLossless)
+    path = write_dicom(tmp_path / "jls.dcm", ramp, transfer_syntax=JPEG_LS_LOSSLESS)
     with pytest.raises(ImageDecodeError, match=r"jls.dcm: cannot decode DICOM pixel data, transfer syntax JPEG-LS Lossless"):
         read_image(path)
     (tmp_path / "junk.dcm").write_bytes(b"\0" * 10)
@@ -211,3 +215,10 @@ def test_dicom_found_by_magic_and_bomb_checked(tmp_path, ramp):
         read_image(path, max_pixels=100)
     small, size = read_image_resized(path, 16)
     assert small.shape == (16, 16) and size == (64, 32)
+
+
+def test_dicom_without_pydicom_says_how_to_install(tmp_path, ramp, monkeypatch):
+    path = write_dicom(tmp_path / "x.dcm", ramp)
+    monkeypatch.setitem(sys.modules, "pydicom", None)  # import pydicom -> ImportError
+    with pytest.raises(ImageDecodeError, match=r"x.dcm: a DICOM file, but pydicom is not installed \(pip install 'cxrloc\[dicom\]'\)"):
+        read_image(path)
