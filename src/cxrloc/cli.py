@@ -16,6 +16,7 @@ from cxrloc import __version__
 #: subcommand name -> (module under cxrloc.commands, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "config": ("config", "print a resolved config (shipped name or YAML file, with --set overrides)"),
+    "synth": ("synth", "write a synthetic chest X-ray dataset in the ChestX-ray14 layout (known labels and boxes)"),
     "prepare": ("prepare", "validate a ChestX-ray14 folder and build the resized image cache (resumable)"),
     "train": ("train", "train a paper variant on a prepared cache (checkpoints, logs, --resume)"),
     "evaluate": ("evaluate", "score a checkpoint on a cache split: AUC with CIs, box accuracy at IoU T, reports"),
