@@ -204,10 +204,21 @@ def _decode(path: Path, size: int) -> tuple[np.ndarray, tuple[int, int]]:
 def _batches(files: list[Path], batch_size: int, size: int, workers: int) -> Iterator[list[tuple[Path, Any]]]:
     """Decoded batches, the next one decoding in the pool while the caller works on the current one.
 
+    ``workers=0`` decodes in the calling thread, one batch at a time (no overlap).
     Yields lists of ``(path, (image, (W, H)))`` or ``(path, exception)``.
     """
     chunks = [files[i : i + batch_size] for i in range(0, len(files), batch_size)]
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+    if workers <= 0:
+        for chunk in chunks:
+            out = []
+            for p in chunk:
+                try:
+                    out.append((p, _decode(p, size)))
+                except Exception as e:  # noqa: BLE001 - reported per file, the run goes on
+                    out.append((p, e))
+            yield out
+        return
+    with ThreadPoolExecutor(max_workers=workers) as pool:
         def submit(chunk: list[Path]) -> list[tuple[Path, Future]]:
             return [(p, pool.submit(_decode, p, size)) for p in chunk]
 

@@ -9,7 +9,13 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from cxrloc.evaluate.auc import bootstrap_auc, patient_bootstrap_weights, roc_auc_per_finding, weighted_auc
+from cxrloc.evaluate.auc import (
+    bootstrap_auc,
+    patient_bootstrap_counts,
+    patient_bootstrap_weights,
+    roc_auc_per_finding,
+    weighted_auc,
+)
 
 
 def _data(rng, n_patients, per_patient=3, n_classes=4, signal=1.0, ties=False):
@@ -99,3 +105,14 @@ def test_bad_inputs(rng):
         bootstrap_auc(labels, np.where(labels > 0, np.nan, scores), patients)
     with pytest.raises(ValueError, match="groups"):
         bootstrap_auc(labels, scores, patients[:-1])
+
+
+def test_bootstrap_samples_equal_the_image_level_weighted_auc(rng):
+    """The patient-table shortcut gives exactly the per-image weighted AUC of each resample."""
+    labels, scores, patients = _data(rng, 150, per_patient=4, ties=True)
+    labels[:, 3] = (rng.random(len(labels)) < 0.8)  # a majority-positive finding (roles swapped inside)
+    res = bootstrap_auc(labels, scores, patients, n_resamples=40, seed=5, keep_samples=True)
+    counts, patient = patient_bootstrap_counts(patients, 40, np.random.default_rng(5))
+    weights = counts[:, patient]
+    for c in range(labels.shape[1]):
+        np.testing.assert_allclose(res.samples[:, c], weighted_auc(labels[:, c], scores[:, c], weights), atol=1e-9)

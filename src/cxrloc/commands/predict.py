@@ -24,7 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "or use a threshold chosen by `cxrloc evaluate`)")
     p.add_argument("--box-mode", choices=BOX_MODES, default=None, help="map -> box (default: the checkpoint's eval.box_mode)")
     p.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default 16)")
-    p.add_argument("--workers", type=int, default=2, help="decoding threads (default 2)")
+    p.add_argument("--workers", type=int, default=2, help="decoding threads, one batch ahead of the network (default 2; 0: decode inline)")
     p.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda when available)")
     p.add_argument("--decode-size", type=int, default=None, help="decode images to this side first, as `cxrloc prepare` does (default 256)")
     p.add_argument("--no-overlays", action="store_true", help="skip the heatmap overlay PNGs")

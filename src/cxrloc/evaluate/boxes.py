@@ -241,18 +241,24 @@ def boxes_from_map(
     labels = lat.components(ts, row_lo, row_hi, col_lo, col_hi)  # (T, nR * nC)
     row_owner = lat.row_segment_owner(row_lo)  # (T, nR, nbx) node holding each row interval
     col_owner = lat.col_segment_owner(col_lo)  # (T, nC, nby)
+    if mode == "max_component":  # all thresholds at once
+        T = len(ts)
+        comp = labels[:, lat.peak_node][:, None]  # (T, 1)
+        rows_in = (row_lo <= row_hi).reshape(T, -1) & (np.take_along_axis(labels, row_owner.reshape(T, -1), 1) == comp)
+        cols_in = (col_lo <= col_hi).reshape(T, -1) & (np.take_along_axis(labels, col_owner.reshape(T, -1), 1) == comp)
+        x0 = np.where(rows_in, row_lo.reshape(T, -1), W).min(axis=1)
+        x1 = np.where(rows_in, row_hi.reshape(T, -1), -1).max(axis=1)
+        y0 = np.where(cols_in, col_lo.reshape(T, -1), H).min(axis=1)
+        y1 = np.where(cols_in, col_hi.reshape(T, -1), -1).max(axis=1)
+        boxes = np.stack([x0, y0, x1 - x0 + 1, y1 - y0 + 1], axis=1).astype(np.float64)
+        valid = (ts < lat.peak_value) & rows_in.any(axis=1)
+        return [boxes[t][None] if valid[t] else fallback[None] for t in range(T)]
     out = []
     for t in range(len(ts)):
         row_ok, col_ok = row_lo[t] <= row_hi[t], col_lo[t] <= col_hi[t]
         row_lab = labels[t][row_owner[t]][row_ok]
         col_lab = labels[t][col_owner[t]][col_ok]
-        if mode == "max_component":
-            if lat.peak_value <= ts[t]:
-                out.append(fallback[None])
-                continue
-            wanted = np.array([labels[t][lat.peak_node]])
-        else:
-            wanted = np.unique(row_lab)
+        wanted = np.unique(row_lab)
         boxes = []
         for comp in wanted:
             in_rows, in_cols = row_lab == comp, col_lab == comp
@@ -271,6 +277,10 @@ def boxes_from_map(
 def _segment_extents(lines: np.ndarray, ts: np.ndarray, starts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """First/last pixel over the threshold on every segment of every line (fact 2).
 
+    A segment is linear, hence monotone: its pixels over ``t`` are the last ``n`` (rising
+    segment) or the first ``n`` (falling segment), where ``n`` is found by a vectorised binary
+    search of all thresholds in all segments at once (no pass over T x pixels).
+
     Args:
         lines: (n_lines, n_pix) map values along lattice rows (or columns).
         ts: (T,) thresholds.
@@ -280,12 +290,34 @@ def _segment_extents(lines: np.ndarray, ts: np.ndarray, starts: np.ndarray) -> t
     Returns:
         lo, hi: (T, n_lines, nb); lo > hi where no pixel of the segment is over the threshold.
     """
-    n_pix = lines.shape[1]
-    over = lines[None] > ts[:, None, None]
-    idx = np.arange(n_pix)
-    lo = np.minimum.reduceat(np.where(over, idx, n_pix), starts, axis=2)
-    hi = np.maximum.reduceat(np.where(over, idx, -1), starts, axis=2)
-    return lo, hi
+    n_lines, n_pix = lines.shape
+    nb = len(starts)
+    ends = np.r_[starts[1:], n_pix] - 1
+    seg = np.repeat(np.arange(nb), ends - starts + 1)  # (n_pix,) segment of each pixel
+    falling = lines[:, starts] > lines[:, ends]  # (n_lines, nb)
+    pix = np.arange(n_pix)
+    reverse = (starts[seg] + ends[seg] - pix)[None, :]
+    ascending = np.take_along_axis(lines, np.where(falling[:, seg], reverse, pix[None, :]), axis=1).ravel()
+    base = (np.arange(n_lines) * n_pix)[:, None]
+    first = np.broadcast_to(base + starts[None, :], (len(ts), n_lines, nb)).reshape(len(ts), -1)
+    last = np.broadcast_to(base + ends[None, :], (len(ts), n_lines, nb)).reshape(len(ts), -1)
+    t = ts[:, None]
+    lo, hi = first.copy(), last + 1  # first index over t lies in [lo, hi]
+    while True:
+        active = lo < hi
+        if not active.any():
+            break
+        mid = (lo + hi) // 2
+        right = ascending[np.minimum(mid, ascending.size - 1)] <= t
+        lo = np.where(active & right, mid + 1, lo)
+        hi = np.where(active & ~right, mid, hi)
+    count = (last + 1 - lo).reshape(len(ts), n_lines, nb)
+    start_b, end_b = starts[None, None, :], ends[None, None, :]
+    fall = falling[None]
+    out_lo = np.where(fall, start_b, end_b - count + 1)
+    out_hi = np.where(fall, start_b + count - 1, end_b)
+    empty = count == 0
+    return np.where(empty, n_pix, out_lo), np.where(empty, -1, out_hi)
 
 
 class _Lattice:
