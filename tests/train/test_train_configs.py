@@ -45,3 +45,20 @@ def test_config_runs_one_short_epoch(name, tiny_cache, tmp_path):
         assert column in log.columns, column
     model, stored, _ = load_model(result.best_checkpoint)
     assert stored == cfg and model.use_region == cfg.loss.use_rv
+
+
+def test_demo_pipeline_synth_prepare_train(tmp_path, capsys):
+    """`cxrloc synth` -> `cxrloc prepare` -> `cxrloc train --config demo`, as the README shows."""
+    from cxrloc.cli import main
+
+    data, cache, run = tmp_path / "data", tmp_path / "cache", tmp_path / "run"
+    assert main(["synth", "--out", str(data), "--images", "48", "--size", "128", "--seed", "0"]) == 0
+    assert main(["prepare", "--data-dir", str(data), "--out", str(cache), "--size", "64"]) == 0
+    capsys.readouterr()
+    rc = main(["train", "--config", "demo", "--data", str(cache), "--out", str(run), "--progress", "none",
+               "--set", "data.image_size=64", "--set", "train.max_epochs=1", "--set", "train.batch_size=4"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "status:          completed" in out and (run / "checkpoints/best.pt").is_file()
+    model, cfg, ckpt = load_model(run / "checkpoints/best.pt")
+    assert cfg.name == "demo" and ckpt["epoch"] == 1

@@ -107,3 +107,19 @@ def test_dataset_and_chunk_sampler(tiny_cache):
 def test_too_few_val_images_for_the_processes(tiny_cache):
     with pytest.raises(ValueError, match="val images for 20 processes"):
         _module(tiny_cache, "dlrv", 0, 20)
+
+
+def test_next_epoch_is_mined_in_the_background_with_identical_rows(tiny_cache):
+    dm = _module(tiny_cache, "dlrv", 0, 1, "train.max_epochs=3")
+    first = dm.current_epoch_rows()  # epoch 0; starts mining epoch 1
+    assert list(dm._jobs) == [(1, 0, 1)]
+    dm.trainer.current_epoch = 1
+    second = dm.current_epoch_rows()
+    assert not dm._jobs or list(dm._jobs) == [(2, 0, 1)]
+    assert np.array_equal(second, _module(tiny_cache, "dlrv", 0, 1, "train.max_epochs=3").epoch_rows(1))
+    assert not np.array_equal(first, second)
+    dm.trainer.current_epoch = 2
+    dm.current_epoch_rows()
+    assert (3, 0, 1) not in dm._jobs  # no epoch past max_epochs
+    dm.teardown("fit")
+    assert dm._executor is None

@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from train_builders import fast_config
+from train_builders import build_cache, fast_config
 
 from cxrloc.cli import main
 from cxrloc.config import ConfigError
@@ -203,6 +203,14 @@ def test_cli_errors_are_clear(tiny_cache, tmp_path, capsys, argv, message):
                "--set", "train.accelerator=cpu"])
     err = capsys.readouterr().err
     assert rc == 2 and message in err and "Traceback" not in err
+
+
+def test_without_val_split_trains_and_keeps_the_first_epoch_as_best(tmp_path):
+    cache = build_cache(tmp_path / "cache", with_val=False)
+    r = _run(cache, tmp_path / "run", "train.max_epochs=2", name="baseline")
+    assert r.status == "completed" and r.epochs_completed == 2
+    assert r.best_epoch == 1 and r.best_metric is None  # NaN metric: never improves
+    assert load_checkpoint(r.best_checkpoint)["epoch"] == 1 and load_checkpoint(r.last_checkpoint)["epoch"] == 2
 
 
 def test_missing_cache_is_a_cache_error(tmp_path):

@@ -48,7 +48,7 @@ def make_arrays(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarra
     return images, labels
 
 
-def build_cache(root: Path, seed: int = 0) -> Path:
+def build_cache(root: Path, seed: int = 0, with_val: bool = True) -> Path:
     rng = np.random.default_rng(seed)
     n = N_TRAIN + N_VAL + N_TEST
     while True:
@@ -56,7 +56,7 @@ def build_cache(root: Path, seed: int = 0) -> Path:
         val = labels[N_TRAIN : N_TRAIN + N_VAL, list(SPOTS)]
         if (val.min(0) == 0).all() and (val.max(0) == 1).all():  # every spotted finding has both classes in val
             break
-    splits = ["train"] * N_TRAIN + ["val"] * N_VAL + ["test"] * N_TEST
+    splits = ["train"] * N_TRAIN + ["val" if with_val else "test"] * N_VAL + ["test"] * N_TEST
     index = pd.DataFrame(
         {
             "image_id": [f"{i:08d}_000.png" for i in range(n)],

@@ -22,7 +22,9 @@ anchor per rank, like ``DistributedSampler``); that is the only duplication.
 
 The epoch used for mining is read from the trainer when the sampler is iterated, so the
 batches of an epoch depend only on (seed, epoch, rank, world_size): a resumed run sees
-the same triplets as an uninterrupted one.
+the same triplets as an uninterrupted one. While an epoch trains, the next epoch's
+triplets are mined in a background thread (numpy releases the GIL), so mining does not
+stall the accelerator between epochs.
 
 Validation covers every val image once: rank r takes ``val_rows[r::world_size]``
 without padding; the module gathers the scores and checks the count.
@@ -33,6 +35,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -149,13 +152,15 @@ class CacheDataModule(L.LightningDataModule):
         self.miner: Any = None
         self.train_rows = np.zeros(0, np.int64)
         self.val_rows = np.zeros(0, np.int64)
-        self._memo: tuple[int, np.ndarray] | None = None
+        self._memo: tuple[tuple[int, int, int], np.ndarray] | None = None
         self._fallback_epoch = 0
+        self._executor: ThreadPoolExecutor | None = None
+        self._jobs: dict[tuple[int, int, int], Future] = {}
 
     # ------------------------------------------------------------------ Lightning hooks
     def prepare_data(self) -> None:
         """Build the stored pHash index once (rank 0) before the ranks read it."""
-        if self.cfg.loss.use_dl:
+        if self._needs_hashes:
             from cxrloc.mining import phash_index
 
             phash_index(Cache(self.data_root))
@@ -177,7 +182,7 @@ class CacheDataModule(L.LightningDataModule):
         if self.cfg.loss.use_dl:
             from cxrloc.mining import TripletMiner, phash_index
 
-            hashes = phash_index(cache)
+            hashes = phash_index(cache) if self._needs_hashes else None
             self.miner = TripletMiner(cache.labels, hashes, self.train_rows, self.cfg.mining, self.cfg.train.seed)
         log.info("cache %s: %d train, %d val images", self.data_root, len(self.train_rows), len(self.val_rows))
 
@@ -191,6 +196,10 @@ class CacheDataModule(L.LightningDataModule):
         rows = self.val_rows[self.rank :: self.world_size]
         sampler = RowChunkSampler(rows, self.val_batch_size)
         return self._loader(CacheBatchDataset(self.cache, triplets=False), sampler)
+
+    @property
+    def _needs_hashes(self) -> bool:
+        return self.cfg.loss.use_dl and self.cfg.mining.ordering == "phash"
 
     # ------------------------------------------------------------------ epoch rows
     @property
@@ -220,18 +229,47 @@ class CacheDataModule(L.LightningDataModule):
         return int(self.trainer.current_epoch) if self.trainer is not None else self._fallback_epoch
 
     def current_epoch_rows(self) -> np.ndarray:
-        return self.epoch_rows(self.current_epoch())
+        """Rows of the trainer's current epoch; with DL the next epoch is mined in a background thread."""
+        epoch = self.current_epoch()
+        rows = self.epoch_rows(epoch)
+        if self.cfg.loss.use_dl and epoch + 1 < self.cfg.train.max_epochs:
+            self._prefetch(epoch + 1)
+        return rows
 
     def epoch_rows(self, epoch: int, rank: int | None = None, world_size: int | None = None) -> np.ndarray:
         """This rank's rows for ``epoch``: (A, 3) triplets with DL, else (A, 1) anchors; A = anchors_per_rank.
 
-        Deterministic in (seed, epoch, rank, world_size); the last result is memoised.
+        Deterministic in (seed, epoch, rank, world_size); the last result is memoised, and a
+        prefetched epoch is taken from its background job.
         """
-        rank = self.rank if rank is None else rank
-        world_size = self.world_size if world_size is None else world_size
-        key = (epoch, rank, world_size)
+        key = (int(epoch), self.rank if rank is None else rank, self.world_size if world_size is None else world_size)
         if self._memo is not None and self._memo[0] == key:
             return self._memo[1]
+        job = self._jobs.pop(key, None)
+        rows = job.result() if job is not None else self._compute_rows(*key)
+        self._memo = (key, rows)
+        return rows
+
+    def teardown(self, stage: str | None = None) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+            self._executor, self._jobs = None, {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_executor"], state["_jobs"] = None, {}  # threads do not travel to spawned processes
+        return state
+
+    def _prefetch(self, epoch: int) -> None:
+        """Mine ``epoch`` in a background thread (ours: hides mining time behind the current epoch's compute)."""
+        key = (epoch, self.rank, self.world_size)
+        if key in self._jobs or (self._memo is not None and self._memo[0] == key):
+            return
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cxrloc-mining")
+        self._jobs[key] = self._executor.submit(self._compute_rows, *key)
+
+    def _compute_rows(self, epoch: int, rank: int, world_size: int) -> np.ndarray:
         seed = self.cfg.train.seed
         if self.cfg.loss.use_dl:
             rows = np.asarray(self.miner.epoch_triplets(epoch, rank, world_size), dtype=np.int64)
@@ -250,7 +288,6 @@ class CacheDataModule(L.LightningDataModule):
             )
         if len(rows) < target:  # equal step counts on every rank (DDP): repeat the first rows
             rows = np.concatenate([rows, rows[: target - len(rows)]])
-        self._memo = (key, rows)
         return rows
 
     # ------------------------------------------------------------------ internals
