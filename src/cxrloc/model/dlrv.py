@@ -129,8 +129,8 @@ def attentive_region_mask(
     """
     with torch.no_grad():
         positive = (labels > 0).float()
-        per_image_weight = positive @ weight.detach().float()  # (R, K)
-        with torch.autocast(device_type=g.device.type, enabled=False):
+        with torch.autocast(device_type=g.device.type, enabled=False):  # fp32 even under bf16/fp16 autocast
+            per_image_weight = positive @ weight.detach().float()  # (R, K)
             attentive = torch.einsum("rk,rkhw->rhw", per_image_weight, g.detach().float())
         mask = region_mask(attentive, threshold)
         no_finding = positive.sum(dim=1) == 0
