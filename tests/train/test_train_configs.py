@@ -6,6 +6,7 @@ import math
 
 import pandas as pd
 import pytest
+import torch
 from train_builders import fast_config
 
 from cxrloc.config import available_configs, load_config
@@ -62,3 +63,22 @@ def test_demo_pipeline_synth_prepare_train(tmp_path, capsys):
     assert "status:          completed" in out and (run / "checkpoints/best.pt").is_file()
     model, cfg, ckpt = load_model(run / "checkpoints/best.pt")
     assert cfg.name == "demo" and ckpt["epoch"] == 1
+
+
+def test_bf16_mixed_and_channels_last_on_cpu(tiny_cache, tmp_path):
+    """The GPU settings' code path (autocast bf16, channels_last inputs and weights) runs on the CPU too."""
+    cfg = fast_config("dlrv", "train.precision=bf16-mixed", "train.channels_last=true")
+    result = train(cfg, tiny_cache, tmp_path / "run", progress="none")
+    hist = read_summary(result.run_dir)["history"][0]
+    assert result.status == "completed" and math.isfinite(hist["train_loss"]) and math.isfinite(hist["val/auc_mean"])
+    state = load_model(result.last_checkpoint)[2]["state_dict"]
+    assert all(v.dtype == torch.float32 for v in state.values() if v.is_floating_point())  # fp32 master weights
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_one_epoch_on_gpu_bf16(tiny_cache, tmp_path):
+    cfg = fast_config("dlrv", "train.accelerator=gpu", "train.precision=bf16-mixed", "train.channels_last=true")
+    result = train(cfg, tiny_cache, tmp_path / "run", progress="none")
+    assert result.status == "completed"
+    assert math.isfinite(read_summary(result.run_dir)["history"][0]["val/auc_mean"])

@@ -12,6 +12,7 @@ from cxrloc.model.checkpoint import load_checkpoint
 from cxrloc.train import read_summary, train
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="torch built without gloo")
 def test_two_process_ddp_on_cpu(tiny_cache, tmp_path):
     cfg = fast_config("dlrv", "train.strategy=ddp_spawn", "train.devices=2", "train.max_epochs=2")
@@ -27,6 +28,8 @@ def test_two_process_ddp_on_cpu(tiny_cache, tmp_path):
     assert ckpt["extra"]["global_step"] == 2 * math.ceil(15 / 4)  # steps per rank
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="torch built without gloo")
 def test_ddp_resume_continues(tiny_cache, tmp_path):
     """Resume a 1-epoch DDP run to 2 epochs: the loop position and the shards continue."""
     cfg = fast_config("dlrv_no_dl", "train.strategy=ddp_spawn", "train.devices=2", "train.max_epochs=1")
