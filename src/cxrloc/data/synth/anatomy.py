@@ -25,6 +25,7 @@ from cxrloc.data.synth.canvas import (
     Canvas,
     PixelBox,
     Pose,
+    clip01,
     ellipse_r2,
     ramp,
     soft_ellipse,
@@ -279,7 +280,7 @@ def render_anatomy(canvas: Canvas, a: Anatomy, acq: Acquisition) -> tuple[Layers
         # wall: 1 inside, linear edge `edge` wide ending on the ellipse (signed distance ~ (1 - r) ax)
         lung = r * np.float32(-ax / edge)
         lung += np.float32(ax / edge)
-        np.clip(lung, 0.0, 1.0, out=lung)
+        clip01(lung)
         lung *= above[win]
         lung *= np.float32(1.0) - np.maximum(med[win], heart[win])
         air = np.float32(1.0) - np.float32(0.45) * r2
@@ -290,7 +291,7 @@ def render_anatomy(canvas: Canvas, a: Anatomy, acq: Acquisition) -> tuple[Layers
         lung_boxes.append(support_box(lung > 0, win))
         cage = r * np.float32(-1.0 / 0.08)
         cage += np.float32(1.08 / 0.08 + 0.5)
-        np.clip(cage, 0.0, 1.0, out=cage)
+        clip01(cage)
         cage *= lung * np.float32(0.7) + np.float32(0.3)
         q = (Yw + np.float32(0.08) * np.abs(Xw) - np.float32(0.65) * Xw * Xw) * np.float32(1.0 / a.rib_spacing)
         q += np.float32(a.rib_phase)
@@ -339,15 +340,15 @@ def _vessels(X: np.ndarray, Y: np.ndarray, a: Anatomy, side: int) -> np.ndarray:
     wig += np.float32(p[1])
     v = np.cos(wig)
     fade = np.float32(1.0) - rho * np.float32(1.0 / 0.75)
-    np.clip(fade, 0.0, 1.0, out=fade)
+    clip01(fade)
     v -= np.float32(0.93)
     v += np.float32(0.1) * fade
     v *= np.float32(12.0)
-    np.clip(v, 0.0, 1.0, out=v)
+    clip01(v)
     v *= fade
     v *= np.float32(a.vessel_strength * (1.0 - 0.7 * a.hyperinflation))
     hilum = np.float32(1.0) - rho * np.float32(1.0 / 0.16)
-    np.clip(hilum, 0.0, 1.0, out=hilum)
+    clip01(hilum)
     hilum *= np.float32(0.35)
     v += hilum
     return v

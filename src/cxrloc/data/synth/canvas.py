@@ -85,11 +85,13 @@ class Canvas:
 
         Returns None when the rectangle falls outside the image.
         """
-        px, py = self.to_pixel(np.array([x0, x1, x0, x1]), np.array([y0, y0, y1, y1]))
-        c0 = max(int(math.floor(px.min())) - margin_px, 0)
-        c1 = min(int(math.ceil(px.max())) + margin_px, self.size)
-        r0 = max(int(math.floor(py.min())) - margin_px, 0)
-        r1 = min(int(math.ceil(py.max())) + margin_px, self.size)
+        h, c, s = self._half, self._cos, self._sin
+        pxs = [self._cx + h * (c * x - s * y) for x, y in ((x0, y0), (x1, y0), (x0, y1), (x1, y1))]
+        pys = [self._cy + h * (s * x + c * y) for x, y in ((x0, y0), (x1, y0), (x0, y1), (x1, y1))]
+        c0 = max(math.floor(min(pxs)) - margin_px, 0)
+        c1 = min(math.ceil(max(pxs)) + margin_px, self.size)
+        r0 = max(math.floor(min(pys)) - margin_px, 0)
+        r1 = min(math.ceil(max(pys)) + margin_px, self.size)
         if c1 <= c0 or r1 <= r0:
             return None
         return slice(r0, r1), slice(c0, c1)
@@ -100,6 +102,11 @@ class Canvas:
 
 
 # ---------------------------------------------------------------------- shapes
+def clip01(values: np.ndarray) -> np.ndarray:
+    """Clip to [0, 1] in place and return ``values``."""
+    return np.clip(values, 0.0, 1.0, out=values)
+
+
 def ramp(signed: np.ndarray, width: float) -> np.ndarray:
     """Soft step: 0 for ``signed <= -width/2``, 1 for ``signed >= width/2``, linear between.
 
@@ -108,8 +115,7 @@ def ramp(signed: np.ndarray, width: float) -> np.ndarray:
     """
     out = signed * np.float32(1.0 / max(width, 1e-6))
     out += np.float32(0.5)
-    np.clip(out, 0.0, 1.0, out=out)
-    return out
+    return clip01(out)
 
 
 def periodic_distance(values: np.ndarray, period: float) -> np.ndarray:
@@ -155,7 +161,7 @@ def bump(X: np.ndarray, Y: np.ndarray, cx: float, cy: float, ax: float, ay: floa
     """Smooth compact bump (1 - r^2)^2 inside the ellipse, 0 outside: an ill-defined opacity."""
     r2 = ellipse_r2(X, Y, cx, cy, ax, ay, angle_deg)
     np.subtract(1.0, r2, out=r2)
-    np.clip(r2, 0.0, None, out=r2)
+    np.maximum(r2, 0.0, out=r2)
     r2 *= r2
     return r2
 

@@ -55,7 +55,7 @@ def example_grid(seed: int = 0, difficulty: str = "medium", size: int = 160, col
 
 def write_example_grid(path: str | Path, seed: int = 0, difficulty: str = "medium", size: int = 160) -> Path:
     """Write :func:`example_grid` as a palette PNG (small enough for the repository)."""
-    grid = example_grid(seed, difficulty, size).quantize(colors=64, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
+    grid = example_grid(seed, difficulty, size).quantize(colors=128, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
     buf = io.BytesIO()
     grid.save(buf, format="PNG", optimize=True)
     path = Path(path)

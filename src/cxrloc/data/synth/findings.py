@@ -49,6 +49,7 @@ from cxrloc.data.synth.canvas import (
     Canvas,
     PixelBox,
     bump,
+    clip01,
     ellipse_r2,
     periodic_distance,
     ramp,
@@ -244,7 +245,9 @@ def _bronchograms(X: np.ndarray, Y: np.ndarray, seed: int, cx: float, cy: float,
     r = np.random.default_rng(seed + 1)
     theta = np.arctan2(Y - np.float32(cy), X - np.float32(cx))
     v = np.cos(theta * np.float32(5.0) + np.float32(r.uniform(0, 6.3)))
-    return np.clip((v - np.float32(0.9)) * np.float32(10.0), 0.0, 1.0)
+    v -= np.float32(0.9)
+    v *= np.float32(10.0)
+    return clip01(v)
 
 
 def paint_atelectasis(canvas: Canvas, layers: Layers, a: Anatomy, f: Finding) -> PixelBox | None:
@@ -346,7 +349,7 @@ def paint_pneumonia(canvas: Canvas, layers: Layers, a: Anatomy, f: Finding) -> P
     cloud = bump(X, Y, f.cx, f.cy, f.rx, f.ry, f.angle)
     np.sqrt(cloud, out=cloud)
     cloud *= np.float32(1.5)
-    np.clip(cloud, 0.0, 1.0, out=cloud)
+    clip01(cloud)
     cloud *= np.float32(0.78) + np.float32(0.22) * _texture(X, Y, f.seed, 0.05)
     cloud *= np.float32(1.0) - np.float32(0.45) * _bronchograms(X, Y, f.seed, f.cx - f.side * f.rx, f.cy - 0.3 * f.ry, canvas.pixel)
     return _fill(canvas, layers, win, cloud * np.float32(f.strength))
@@ -364,7 +367,7 @@ def paint_pneumothorax(canvas: Canvas, layers: Layers, a: Anatomy, f: Finding) -
     lateral = (X - np.float32(cx)) * np.float32(f.side / ax)
     sector = ramp(np.float32(f.cy) - Y, 0.04) * np.maximum(ramp(lateral + np.float32(0.1), 0.2), ramp(np.float32(cy - 0.55 * ay) - Y, 0.1))
     air = layers.air[win]
-    lungish = np.clip(air * np.float32(10.0), 0.0, 1.0)
+    lungish = clip01(air * np.float32(10.0))
     region = ramp((r_in - np.float32(1.0)) * np.float32(min(iax, iay)), 1.5 * canvas.pixel) * sector * lungish
     line = ramp(np.float32(1.2 * canvas.pixel) - np.abs(r_in - np.float32(1.0)) * np.float32(min(iax, iay)), canvas.pixel)
     line *= sector * lungish
@@ -382,7 +385,7 @@ def paint_consolidation(canvas: Canvas, layers: Layers, a: Anatomy, f: Finding) 
     env = bump(X, Y, f.cx, f.cy, f.rx, f.ry)
     np.sqrt(env, out=env)
     env *= np.float32(2.5)
-    np.clip(env, 0.0, 1.0, out=env)
+    clip01(env)
     t = math.radians(f.angle)
     # fissure: a straight sharp border through the centre (upper lobe: opacity above it)
     sign = np.float32(1.0 if f.variant == "upper" else -1.0)

@@ -114,14 +114,18 @@ def render(phantom: Phantom, findings: Sequence[Finding], size: int) -> Rendered
     noise = np.random.default_rng(acq.noise_seed).random((size, size), dtype=np.float32)
     noise -= np.float32(0.5)
     noise *= np.float32(acq.noise * 3.4641016)  # uniform with std = acq.noise
-    noise *= np.float32(0.6) + np.float32(0.8) * np.clip(intensity, 0.0, 1.0)
+    signal = np.clip(intensity, 0.0, 1.0)
+    signal *= np.float32(0.8)
+    signal += np.float32(0.6)
+    noise *= signal
     intensity += noise
     passes, w = blur_passes(acq.blur_sigma * size / 256.0)
     if passes:
         intensity = _blur(intensity, passes, w)
     intensity *= np.float32(255.0)
     intensity += np.float32(0.5)
-    np.clip(intensity, 0.0, 255.0, out=intensity)
+    np.maximum(intensity, 0.0, out=intensity)
+    np.minimum(intensity, 255.0, out=intensity)
     lut = np.round(255.0 * (np.arange(256) / 255.0) ** acq.gamma).astype(np.uint8)
     image = lut[intensity.astype(np.uint8)]
     boxes = {k: _to_pixels(dilate_box(b, passes, size)) for k, b in raw.items() if b is not None}
