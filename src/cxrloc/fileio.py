@@ -8,6 +8,7 @@ full, file-size limit) removes the temporary file and leaves the old one intact.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -19,13 +20,27 @@ from typing import IO, Any
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 
+#: errno values that mean "no room for this file": disk full, file-size limit (``ulimit -f``), quota
+NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT})
+
+
+def no_space_error(e: OSError, path: str | Path) -> OSError:
+    """``e`` (disk full, file-size limit, quota) as an OSError whose message names ``path``."""
+    return OSError(e.errno, f"{e.strerror}: cannot write {path} (disk full, quota or file-size limit); "
+                            "the previous version of the file, if any, is unchanged")
+
 
 @contextlib.contextmanager
 def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
     """Open a temporary file beside ``path``; on success fsync and rename it to ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        if e.errno in NO_SPACE_ERRNOS:
+            raise no_space_error(e, path) from e
+        raise
     try:
         os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the usual permissions
         with os.fdopen(fd, mode) as f:
@@ -33,9 +48,11 @@ def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.errno in NO_SPACE_ERRNOS:
+            raise no_space_error(e, path) from e
         raise
     _fsync_dir(path.parent)
 

@@ -18,6 +18,7 @@ no-op; a changed source or argument rebuilds it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -38,7 +39,7 @@ from cxrloc.data.chestxray14 import DATA_ENTRY_NAMES, ChestXray14, read_dataset
 from cxrloc.data.io import DEFAULT_MAX_PIXELS
 from cxrloc.data.prepare_worker import close_partial, process_chunk, worker_init
 from cxrloc.data.report import ValidationReport
-from cxrloc.fileio import atomic_write_json, atomic_write_text
+from cxrloc.fileio import NO_SPACE_ERRNOS, atomic_write_json, atomic_write_text, no_space_error
 from cxrloc.labels import FINDINGS
 
 log = logging.getLogger(__name__)
@@ -233,9 +234,7 @@ def _load_or_start(out: Path, state: dict[str, Any]) -> dict[int, dict]:
             return done
     for name in (PARTIAL_FILE, DONE_FILE, STATE_FILE, IMAGES_FILE):
         (out / name).unlink(missing_ok=True)
-    arr = np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8, shape=(state["count"], state["size"], state["size"]))
-    arr.flush()
-    del arr
+    _create_array_file(partial, (state["count"], state["size"], state["size"]))
     done_path.touch()
     atomic_write_json(state_path, state)
     return {}
@@ -358,7 +357,8 @@ def _write_images(out: Path, done: dict[int, dict], n: int, size: int, chunk_siz
         return
     src = np.load(partial, mmap_mode="r")
     tmp = out / f".{IMAGES_FILE}.compact.tmp"
-    dst = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(good), size, size))
+    _create_array_file(tmp, (len(good), size, size))
+    dst = np.load(tmp, mmap_mode="r+")
     block = 4096
     for start in range(0, len(good), block):
         dst[start : start + block] = src[good[start : start + block]]
@@ -369,3 +369,32 @@ def _write_images(out: Path, done: dict[int, dict], n: int, size: int, chunk_siz
     os.replace(tmp, out / IMAGES_FILE)
     with contextlib.suppress(FileNotFoundError):
         partial.unlink()
+
+
+def _create_array_file(path: Path, shape: tuple[int, int, int]) -> None:
+    """A zero-filled (N, S, S) uint8 ``.npy`` file with its disk blocks reserved up front.
+
+    A memmap of a sparse file gets its blocks only when a page is first written, and a
+    full disk then kills the process with SIGBUS (no message). Reserving the blocks
+    here (``posix_fallocate``) turns a full disk, a quota or a file-size limit into a
+    clear OSError naming the file, before any image is decoded.
+    """
+    try:
+        arr = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape)
+        arr.flush()
+        del arr
+        if hasattr(os, "posix_fallocate"):
+            fd = os.open(path, os.O_RDWR)
+            try:
+                os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):  # no fallocate here: go on
+                    raise
+            finally:
+                os.close(fd)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            path.unlink()
+        if e.errno in NO_SPACE_ERRNOS:
+            raise no_space_error(e, path) from e
+        raise
