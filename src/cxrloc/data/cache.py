@@ -73,19 +73,25 @@ class Cache:
             self.meta: dict[str, Any] = json.loads(meta_path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CacheError(f"{meta_path}: not valid JSON ({e})") from e
-        if self.meta.get("format") != CACHE_FORMAT:
-            raise CacheError(f"{meta_path}: cache format {self.meta.get('format')!r}, this version reads {CACHE_FORMAT}")
+        if not isinstance(self.meta, dict) or self.meta.get("format") != CACHE_FORMAT:
+            found = self.meta.get("format") if isinstance(self.meta, dict) else self.meta
+            raise CacheError(f"{meta_path}: cache format {found!r}, this version reads {CACHE_FORMAT}")
+        _check_meta(meta_path, self.meta)
         self.size = int(self.meta["size"])
         self._check_sizes()
+        self.verify((INDEX_FILE, BOXES_FILE))  # small files: checksummed at every open (images.npy: verify())
         index = _read_csv(self.root / INDEX_FILE, INDEX_COLUMNS)
         if len(index) != self.meta["count"]:
             raise CacheError(f"{self.root / INDEX_FILE}: {len(index)} rows, meta.json says {self.meta['count']}")
         self.index = index
-        self.image_ids = index["image_id"].to_numpy(dtype=str)
-        self.patient_ids = index["patient_id"].to_numpy(dtype=np.int64)
-        self.splits = index["split"].to_numpy(dtype=str)
-        self.orig_sizes = index[["orig_width", "orig_height"]].to_numpy(dtype=np.int64)
-        self.labels = index[list(FINDINGS)].to_numpy(dtype=np.uint8)
+        try:
+            self.image_ids = index["image_id"].to_numpy(dtype=str)
+            self.patient_ids = index["patient_id"].to_numpy(dtype=np.int64)
+            self.splits = index["split"].to_numpy(dtype=str)
+            self.orig_sizes = index[["orig_width", "orig_height"]].to_numpy(dtype=np.int64)
+            self.labels = index[list(FINDINGS)].to_numpy(dtype=np.uint8)
+        except (ValueError, TypeError) as e:
+            raise CacheError(f"{self.root / INDEX_FILE}: malformed values ({e})") from e
         self.boxes = _read_csv(self.root / BOXES_FILE, BOX_COLUMNS)
         self._row_of: dict[str, int] | None = None
         self._images: np.ndarray | None = None
@@ -119,9 +125,9 @@ class Cache:
         except KeyError:
             raise KeyError(f"{image_id!r} is not in the cache {self.root}") from None
 
-    def verify(self) -> None:
-        """Recompute the SHA-256 of every file and compare with meta.json; raises CacheError on mismatch."""
-        for name in (IMAGES_FILE, INDEX_FILE, BOXES_FILE):
+    def verify(self, names: tuple[str, ...] = (IMAGES_FILE, INDEX_FILE, BOXES_FILE)) -> None:
+        """Recompute the SHA-256 of the files (default: all) and compare with meta.json; CacheError on mismatch."""
+        for name in names:
             expected = self.meta["files"][name]["sha256"]
             got = sha256_file(self.root / name)
             if got != expected:
@@ -139,9 +145,21 @@ class Cache:
             path = self.root / name
             if not path.exists():
                 raise CacheError(f"{path}: missing from the cache")
-            expected = files.get(name, {}).get("bytes")
-            if expected is not None and path.stat().st_size != expected:
+            expected = files[name]["bytes"]
+            if path.stat().st_size != expected:
                 raise CacheError(f"{path}: {path.stat().st_size} bytes, meta.json says {expected} (truncated or modified)")
+
+
+def _check_meta(path: Path, meta: dict[str, Any]) -> None:
+    """Raise CacheError unless meta.json has a size, a count and the byte size + SHA-256 of each file."""
+    problems = [k for k in ("size", "count") if not isinstance(meta.get(k), int) or meta[k] < 0]
+    files = meta.get("files")
+    for name in (IMAGES_FILE, INDEX_FILE, BOXES_FILE):
+        entry = files.get(name) if isinstance(files, dict) else None
+        if not (isinstance(entry, dict) and isinstance(entry.get("bytes"), int) and isinstance(entry.get("sha256"), str)):
+            problems.append(f"files.{name}")
+    if problems:
+        raise CacheError(f"{path}: malformed (bad or missing {', '.join(problems)}); rerun `cxrloc prepare`")
 
 
 def empty_boxes() -> pd.DataFrame:
