@@ -58,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
     stored = ckpt["config"]
     eval_cfg = _eval_config(stored, args)
     cache = Cache(args.data)
+    cache.verify()  # checksums of every cache file: a corrupt cache is refused, never scored
     identity = {
         "checkpoint": {
             "path": str(args.checkpoint),

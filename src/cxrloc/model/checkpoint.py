@@ -20,8 +20,10 @@ import hashlib
 import io
 import logging
 import pickle
+import zipfile
+import zlib
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 import torchvision
@@ -90,6 +92,7 @@ def save_checkpoint(
     }
     buffer = io.BytesIO()
     torch.save(payload, buffer)
+    _check_archive(buffer, path)  # CRC-32 of every record present (load_checkpoint relies on it)
     try:  # refuse to write what load_checkpoint could not read (e.g. objects in `extra`)
         buffer.seek(0)
         torch.load(buffer, map_location="cpu", weights_only=True)
@@ -109,6 +112,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
+    _check_archive(path, path)  # before unpickling: a truncated or bit-flipped file is never read
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
@@ -133,6 +137,10 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     bad = [k for k, v in state.items() if tensor_sha256(v) != sums[k]]
     if bad:
         raise CheckpointError(f"{path}: checksum mismatch in {len(bad)} tensor(s) (corrupt), e.g. {bad[:3]}")
+    nonfinite = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if nonfinite:
+        raise CheckpointError(f"{path}: {len(nonfinite)} weight tensor(s) hold NaN or inf (a diverged run?), "
+                              f"e.g. {nonfinite[:3]}; refusing to use it")
     return ckpt
 
 
@@ -201,6 +209,28 @@ def _check_state_matches(path: Path, model: torch.nn.Module, state: dict[str, to
         if shapes:
             parts.append(f"{len(shapes)} shape mismatches (e.g. {shapes[:5]})")
         raise CheckpointError(f"{path}: weights do not fit the architecture of its config: " + "; ".join(parts))
+
+
+def _check_archive(source: str | Path | IO[bytes], path: str | Path) -> None:
+    """Check the zip container and the CRC-32 of every record (torch itself does not check them).
+
+    Any truncation or bit flip anywhere in the file (weights, optimizer state, the pickled
+    metadata) raises :class:`CheckpointError` before anything is unpickled.
+    """
+    try:
+        with zipfile.ZipFile(source) as archive:
+            crcs = [info.CRC for info in archive.infolist() if info.file_size]
+            damaged = archive.testzip() if any(crcs) else None
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError, zlib.error) as e:
+        raise CheckpointError(
+            f"{path}: corrupt or truncated checkpoint, or not a cxrloc checkpoint (not a complete zip archive: "
+            f"{type(e).__name__}: {e}); plain pickle files are refused"
+        ) from e
+    if crcs and not any(crcs):
+        raise CheckpointError(f"{path}: checkpoint written without CRC-32 checksums (torch.utils.serialization."
+                              "config.save.compute_crc32 is off); corruption could not be detected")
+    if damaged is not None:
+        raise CheckpointError(f"{path}: corrupt checkpoint: CRC-32 mismatch in record {damaged!r} (bit flip or bad copy)")
 
 
 def _unwrap(model: torch.nn.Module) -> DLRV:

@@ -113,7 +113,7 @@ def train(
         :class:`TrainResult` (read back from RUN_DIR/summary.json).
 
     Raises:
-        CacheError: the cache is missing or unfinished.
+        CacheError: the cache is missing, unfinished or corrupt (checksums verified).
         ConfigError: a bad device spec, or a resume with an incompatible config.
         CheckpointError: ``resume`` without a readable last.pt.
         ValueError: ``out`` already holds a run and ``resume`` is False.
@@ -122,6 +122,7 @@ def train(
     if progress not in PROGRESS_BARS:
         raise ValueError(f"progress must be one of {PROGRESS_BARS}, got {progress!r}")
     cache = Cache(data)
+    cache.verify()  # a bit-flipped images.npy is refused here, not trained on (seconds per GB)
     last_path, _ = checkpoint_paths(out)
     ckpt: dict[str, Any] | None = None
     summary: dict[str, Any] | None = None
