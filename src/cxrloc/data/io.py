@@ -5,7 +5,11 @@ raises :class:`ImageDecodeError` naming the file for anything it cannot read:
 a corrupt or truncated file, an unknown format, a DICOM without pixel data or
 with an unsupported transfer syntax, or an image whose header claims more than
 ``max_pixels`` pixels (refused *before* the pixel data is decoded, so a
-decompression bomb costs nothing).
+decompression bomb costs nothing) or a side shorter than :data:`MIN_SIDE`.
+
+Images that decode but whose intensities look wrong get a logged warning naming
+the file (they are still used): nearly constant images (:func:`warn_if_flat`),
+16/32-bit integer images whose values fit in 0..255, and CMYK/LAB/HSV colour images.
 
 Conversions (METHOD.md, data protocol: "convert to 8-bit grayscale on load"):
 
@@ -41,6 +45,10 @@ log = logging.getLogger(__name__)
 
 #: Refuse images with more pixels than this (8192 x 8192), checked on the header before decoding.
 DEFAULT_MAX_PIXELS = 8192 * 8192
+#: Refuse images with a side shorter than this (a 1 x 1 "image" is not a radiograph), checked on the header.
+MIN_SIDE = 8
+#: Warn when 98% of the 8-bit pixels lie within fewer grey levels than this (nearly constant image).
+MIN_GREY_SPREAD = 16
 #: File name endings that are treated as images when scanning a dataset folder.
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".tif", ".tiff", ".bmp")
 DICOM_EXTENSIONS: tuple[str, ...] = (".dcm", ".dicom")
@@ -72,7 +80,9 @@ def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.nda
         ImageDecodeError: the file is unreadable, corrupt, truncated, too large, or not an image.
     """
     image, _ = _decode(Path(path), max_pixels, draft_size=None)
-    return image if isinstance(image, np.ndarray) else np.asarray(image, dtype=np.uint8).copy()
+    out = image if isinstance(image, np.ndarray) else np.asarray(image, dtype=np.uint8).copy()
+    warn_if_flat(path, out)
+    return out
 
 
 def read_image_resized(
@@ -94,7 +104,9 @@ def read_image_resized(
         raise ValueError(f"size must be >= 1, got {size}")
     path = Path(path)
     image, orig_size = _decode(path, max_pixels, draft_size=size)
-    return resize_gray(image, size), orig_size
+    out = resize_gray(image, size)
+    warn_if_flat(path, out)
+    return out, orig_size
 
 
 def image_size(path: str | Path) -> tuple[int, int]:
@@ -180,15 +192,45 @@ def _to_gray(im: Image.Image, path: Path) -> Image.Image | np.ndarray:
     if mode in _EIGHT_BIT_COLOUR:
         return im.convert("L") if mode not in {"PA"} else im.convert("RGBA").convert("L")
     if mode.startswith("I;16") or mode in {"I", "F"}:
-        return scale_to_uint8(np.asarray(im))
+        values = np.asarray(im)
+        if mode != "F" and values.size and 0 <= values.min() and values.max() <= 255:
+            log.warning("%s: intensity range looks wrong: integer image (mode %s) whose values span only %d..%d (an "
+                        "8-bit image stored as 16-bit?); scaled by its own min..max", path, mode, values.min(), values.max())
+        return scale_to_uint8(values)
     if mode in {"CMYK", "YCbCr", "LAB", "HSV"}:
+        if mode != "YCbCr":
+            log.warning("%s: %s colour image (unusual for a radiograph); converted to grayscale luminance", path, mode)
         return im.convert("RGB").convert("L")
     raise ImageDecodeError(f"{path}: unsupported image mode {mode!r}")
+
+
+def warn_if_flat(path: str | Path, gray: np.ndarray) -> str | None:
+    """Log (and return) a warning naming ``path`` when a decoded (H, W) uint8 image is nearly constant.
+
+    Nearly constant: 98% of the pixels (1st to 99th percentile) lie within fewer than
+    :data:`MIN_GREY_SPREAD` grey levels, e.g. a blank frame, a wrong window, or a
+    16-bit image saturated to one value; the model would see the same input for all of them.
+    """
+    counts = np.bincount(np.asarray(gray, dtype=np.uint8).ravel(), minlength=256)
+    total = int(counts.sum())
+    if total == 0:
+        return None
+    cdf = np.cumsum(counts)
+    lo, hi = int(np.searchsorted(cdf, 0.01 * total)), int(np.searchsorted(cdf, 0.99 * total))
+    if hi - lo + 1 >= MIN_GREY_SPREAD:
+        return None
+    message = (f"{path}: intensity range looks wrong: nearly constant image (98% of pixels within grey levels "
+               f"{lo}..{hi}); check the file, its window or its bit depth")
+    log.warning(message)
+    return message
 
 
 def _check_pixels(path: Path, width: int, height: int, max_pixels: int) -> None:
     if width < 1 or height < 1:
         raise ImageDecodeError(f"{path}: header claims an empty image ({width}x{height})")
+    if min(width, height) < MIN_SIDE:
+        raise ImageDecodeError(f"{path}: refused, {width}x{height} pixels is too small to be a radiograph "
+                               f"(at least {MIN_SIDE} pixels per side)")
     if width * height > max_pixels:
         raise ImageDecodeError(
             f"{path}: refused, header claims {width}x{height} = {width * height:,} pixels, more than the "
