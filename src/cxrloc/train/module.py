@@ -163,7 +163,7 @@ class DLRVModule(L.LightningModule):
 
     def _nonfinite(self, terms: dict[str, torch.Tensor], batch_idx: int) -> None:
         where = f"epoch {self.current_epoch + 1}, step {self.global_step} (batch {batch_idx})"
-        values = ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items())
+        values = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in terms.items())
         if self.cfg.train.nonfinite == "skip":
             self.nonfinite_skipped += 1
             log.warning("non-finite loss at %s (%s): optimizer step skipped (%d so far)", where, values,
