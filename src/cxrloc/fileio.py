@@ -76,6 +76,20 @@ def atomic_write_with(path: str | Path, writer: Callable[[IO[bytes]], None]) -> 
         writer(f)
 
 
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Delete the ``.NAME.XXXX.tmp`` files an atomic write leaves behind when its process is killed.
+
+    Call only where this process is the folder's single writer (the start of a prepare
+    or training run). Returns the paths removed.
+    """
+    removed = []
+    for p in Path(folder).glob(".*.tmp"):
+        with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+            p.unlink()
+            removed.append(p)
+    return removed
+
+
 def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
     """Hex SHA-256 of a file, read in 4 MiB chunks."""
     h = hashlib.sha256()

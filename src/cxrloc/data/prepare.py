@@ -39,7 +39,13 @@ from cxrloc.data.chestxray14 import DATA_ENTRY_NAMES, ChestXray14, read_dataset
 from cxrloc.data.io import DEFAULT_MAX_PIXELS
 from cxrloc.data.prepare_worker import close_partial, process_chunk, worker_init
 from cxrloc.data.report import ValidationReport
-from cxrloc.fileio import NO_SPACE_ERRNOS, atomic_write_json, atomic_write_text, no_space_error
+from cxrloc.fileio import (
+    NO_SPACE_ERRNOS,
+    atomic_write_json,
+    atomic_write_text,
+    no_space_error,
+    remove_stale_temporaries,
+)
 from cxrloc.labels import FINDINGS
 
 log = logging.getLogger(__name__)
@@ -131,6 +137,8 @@ def prepare_cache(
         return PrepareResult(existing, up_to_date=True, resumed_chunks=0, bad_images=[], report=None)
     out.mkdir(parents=True, exist_ok=True)
     (out / META_FILE).unlink(missing_ok=True)  # unfinished from here on
+    for stale in remove_stale_temporaries(out):  # half-written by a killed run; never read
+        log.info("removed %s, left by an interrupted run", stale)
 
     n = len(items)
     state = {"fingerprint": source["fingerprint"], "count": n, "size": size, "chunk_size": chunk_size, "max_pixels": max_pixels}

@@ -41,7 +41,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 import cxrloc
 from cxrloc.config import Config, ConfigError, save_config
 from cxrloc.data.cache import Cache
-from cxrloc.fileio import atomic_write_json
+from cxrloc.fileio import atomic_write_json, remove_stale_temporaries
 from cxrloc.model.checkpoint import CheckpointError, load_checkpoint
 from cxrloc.train.callbacks import (
     METRIC_NAME,
@@ -143,6 +143,8 @@ def train(
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
     if rank_zero_only.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
+        for folder in (out, last_path.parent):  # half-written files of a killed run (never read)
+            remove_stale_temporaries(folder)
         save_config(cfg, out / CONFIG_FILE)
         _write_run_file(out, data, cache, resumed_from=None if ckpt is None else int(ckpt["epoch"]))
 
