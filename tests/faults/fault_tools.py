@@ -69,12 +69,14 @@ def run_child(args: list[str], log: Path, timeout: float = 300, preexec: Callabl
                               env=child_env(), timeout=timeout, preexec_fn=preexec, cwd=HERE)
 
 
-def run_cli(args: list[str], log: Path, timeout: float = 300, preexec: Callable[[], None] | None = None,
+def run_cli(args: list[str], timeout: float = 300, preexec: Callable[[], None] | None = None,
             ) -> subprocess.CompletedProcess:
-    """Run ``python -m cxrloc.cli ARGS`` in a child process (output to ``log``)."""
-    with open(log, "w") as f:
-        return subprocess.run([sys.executable, "-m", "cxrloc.cli", *args], stdout=f, stderr=subprocess.STDOUT,
-                              env=child_env(), timeout=timeout, preexec_fn=preexec)
+    """Run ``python -m cxrloc.cli ARGS`` in a child process; ``.stdout`` holds stdout and stderr.
+
+    Output goes through a pipe, which a file-size limit (``preexec``) does not apply to.
+    """
+    return subprocess.run([sys.executable, "-m", "cxrloc.cli", *args], stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, env=child_env(), timeout=timeout, preexec_fn=preexec)
 
 
 def file_size_limit(limit: int) -> Callable[[], None]:
