@@ -121,7 +121,7 @@ def bench_scoring(rng: np.random.Generator, resamples: int) -> dict:
     cfg = EvalConfig(bootstrap=resamples)
     res: dict = {"images": len(preds), "findings": 14, "patients": int(len(np.unique(preds.patient_ids))),
                  "boxes": len(gt), "box_images": len(preds.map_index), "bootstrap_resamples": resamples,
-                 "cam_thresholds": len(cfg.threshold_grid) + 1}
+                 "cam_thresholds": len(np.unique(np.r_[cfg.threshold_grid, cfg.map_threshold]))}
     t = time.perf_counter()
     bootstrap_auc(preds.labels, preds.probs, preds.patient_ids, n_resamples=resamples, seed=0)
     res["auc_bootstrap_s"] = time.perf_counter() - t
@@ -178,11 +178,12 @@ def bench_predict(sample_dir: Path, n_images: int, batch_size: int) -> dict:
             predictor = Predictor(model, cfg, **kw)
             predict_files(predictor, files[:batch_size], tmp / "warm", info, batch_size=batch_size, workers=workers,
                           overlays=False, progress=False)  # warm-up (oneDNN kernels, page cache)
-            t = time.perf_counter()
+            t, cpu = time.perf_counter(), time.process_time()
             predict_files(predictor, files, tmp / "out", info, batch_size=batch_size, workers=workers,
                           overlays=overlays, progress=False)
-            dt = time.perf_counter() - t
-            rows.append({"setting": name, "images": len(files), "seconds": dt, "images_per_s": len(files) / dt})
+            dt, dcpu = time.perf_counter() - t, time.process_time() - cpu
+            rows.append({"setting": name, "images": len(files), "seconds": dt, "images_per_s": len(files) / dt,
+                         "cpu_ms_per_image": dcpu / len(files) * 1e3})
             model.to(memory_format=torch.contiguous_format)
         # the pieces of the fastest setting, per batch of images
         predictor = Predictor(model, cfg, channels_last=True)
@@ -196,6 +197,11 @@ def bench_predict(sample_dir: Path, n_images: int, batch_size: int) -> dict:
         t = time.perf_counter()
         probs, maps = predictor.run_batch(batch)
         net_s = (time.perf_counter() - t) / batch_size
+        bf16 = Predictor(model, cfg, channels_last=True, bf16=True)
+        bf16.run_batch(batch)
+        t = time.perf_counter()
+        probs_bf16, _ = bf16.run_batch(batch)
+        net_bf16_s = (time.perf_counter() - t) / batch_size
         t = time.perf_counter()
         for p, m, d in zip(probs, maps, decoded, strict=True):
             predictor.detections(np.ones_like(p), m, d[1])  # 14 boxes per image (worst case)
@@ -203,7 +209,8 @@ def bench_predict(sample_dir: Path, n_images: int, batch_size: int) -> dict:
         model.to(memory_format=torch.contiguous_format)
         return {"model": "DenseNet-121, 224 x 224, random weights", "batch_size": batch_size, "rows": rows,
                 "per_image_ms": {"decode_1024_png_to_256": decode_s * 1e3, "network_fp32_channels_last": net_s * 1e3,
-                                 "boxes_14_findings": box_s * 1e3}}
+                                 "network_bf16_channels_last": net_bf16_s * 1e3, "boxes_14_findings": box_s * 1e3},
+                "bf16_max_abs_probability_difference": float(np.abs(probs_bf16 - probs).max())}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -241,11 +248,14 @@ def main() -> int:
             result["predict"] = p = bench_predict(args.sample_dir, args.predict_images, args.batch_size)
             base = p["rows"][0]["images_per_s"]
             print(f"\npredict end to end, {p['model']}, 1024x1024 PNGs, batch {p['batch_size']}  [target >= 15 images/s]")
-            print(f"{'setting':45s} {'images/s':>9s} {'x plain':>8s}")
+            print("(CPU ms/image = process CPU time of all threads; on a busy machine it is the steadier number)")
+            print(f"{'setting':45s} {'images/s':>9s} {'x plain':>8s} {'CPU ms/img':>11s}")
             for row in p["rows"]:
                 row["speedup_vs_plain"] = row["images_per_s"] / base
-                print(f"{row['setting']:45s} {row['images_per_s']:9.1f} {row['speedup_vs_plain']:8.2f}")
+                print(f"{row['setting']:45s} {row['images_per_s']:9.1f} {row['speedup_vs_plain']:8.2f} "
+                      f"{row['cpu_ms_per_image']:11.0f}")
             print("per image (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in p["per_image_ms"].items()))
+            print(f"bf16 vs fp32, max |probability difference| (random weights): {p['bf16_max_abs_probability_difference']:.3f}")
     atomic_write_json(args.out, result)
     print(f"\nwrote {args.out}")
     return 0

@@ -146,3 +146,14 @@ def test_oracle_maps_on_the_real_bbox_list_score_one_at_half_and_beat_a_centred_
     # (Cardiomegaly 1.00 / 0.95 / 0.48 / 0.03: the heart sits in the middle)
     assert baseline.loc["Mean", [0.1, 0.3, 0.5, 0.7]].to_numpy(float) == pytest.approx([0.426, 0.185, 0.087, 0.008], abs=0.002)
     assert baseline.loc["Mean", 0.5] < 1.0
+
+
+def test_eval_config_defaults_are_pinned():
+    from cxrloc.config import EvalConfig
+
+    cfg = EvalConfig()
+    assert cfg.iou_thresholds == T2  # paper, Table 2
+    assert cfg.cv_folds == 10  # paper: 10-fold cross-validation of the CAM threshold
+    assert cfg.box_mode == "max_component"  # ours; "all" is the paper-literal box
+    assert cfg.map_threshold == 0.5 and cfg.bootstrap == 1000  # ours
+    assert cfg.threshold_grid == tuple(round(0.05 * i, 2) for i in range(1, 20))  # ours: 0.05 ... 0.95
