@@ -31,15 +31,14 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import PIL
 from PIL import Image
 
 from cxrloc.data.synth.cohort import plan_cohort
 from cxrloc.data.synth.generator import generate_dataset, render_job, tune_malloc
+from cxrloc.data.synth.probe import linear_probe
 from cxrloc.data.synth.writer import encode_png_gray
 from cxrloc.fileio import atomic_write_json
-from cxrloc.labels import FINDINGS, encode
 
 TARGET_PER_CORE = 200.0
 
@@ -109,29 +108,6 @@ def speed(n_images: int, size: int) -> dict:
         "two_workers_vs_one_wall": wall1 / wall2,
     }
     return out
-
-
-def linear_probe(root: Path, downsample: int = 32, grid: tuple[float, ...] = (0.001, 0.01, 0.1)) -> dict:
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import roc_auc_score
-
-    entries = pd.read_csv(root / "Data_Entry_2017.csv")
-    test = set((root / "test_list.txt").read_text().split("\n"))
-    x = np.stack([np.asarray(Image.open(root / "images" / n).resize((downsample, downsample), Image.BILINEAR),
-                             dtype=np.float32).ravel() for n in entries["Image Index"]])
-    y = np.stack([encode(s) for s in entries["Finding Labels"]])
-    is_test = entries["Image Index"].isin(test).to_numpy()
-    mu, sd = x[~is_test].mean(0), x[~is_test].std(0) + 1e-3
-    x = (x - mu) / sd
-    best: dict = {}
-    for c in grid:
-        aucs = []
-        for k in range(len(FINDINGS)):
-            model = LogisticRegression(C=c, max_iter=500).fit(x[~is_test], y[~is_test, k])
-            aucs.append(float(roc_auc_score(y[is_test, k], model.decision_function(x[is_test]))))
-        if not best or np.mean(aucs) > best["mean_auc"]:
-            best = {"C": c, "mean_auc": float(np.mean(aucs)), "auc": dict(zip(FINDINGS, aucs, strict=True))}
-    return best
 
 
 def probes(n_images: int) -> dict:

@@ -218,7 +218,7 @@ def test_nodule_is_several_pixels_at_128_and_smaller_than_a_mass():
             _, _, w, h = render(phantom, [f], 128).boxes[kind]
             sizes[kind].append(min(w, h))
     assert min(sizes["Nodule"]) >= 7
-    assert np.median(sizes["Mass"]) > 1.6 * np.median(sizes["Nodule"])
+    assert np.median(sizes["Mass"]) > 1.4 * np.median(sizes["Nodule"])  # real boxes: median 0.12 W vs 0.07 W
 
 
 # --------------------------------------------------------------------------- determinism
@@ -349,3 +349,18 @@ def test_follow_ups_share_anatomy_and_finding_place():
     b = next(f for f in f1 if f.kind == a.kind)
     assert (a.cx, a.cy, a.side) == (b.cx, b.cy, b.side)
     assert dataclasses.replace(a, rx=b.rx, ry=b.ry, strength=b.strength) == b
+
+
+def test_hard_is_not_solved_by_a_linear_probe_while_medium_is_easier(tmp_path):
+    """Issue 3: a linear probe on raw pixels must not solve "hard". Same probe, same cohort, both difficulties.
+
+    (1,500 images at 64 px, 16x16 pixels; benchmarks/synth.py measures 3,000 images at 128 px.)
+    """
+    from cxrloc.data.synth.probe import linear_probe
+
+    scores = {}
+    for difficulty in ("medium", "hard"):
+        root = generate_dataset(tmp_path / difficulty, 1500, size=64, seed=1, difficulty=difficulty, progress=False).root
+        scores[difficulty] = linear_probe(root, downsample=16)["mean_auc"]
+    assert scores["hard"] < 0.75, scores
+    assert scores["medium"] > scores["hard"] + 0.05, scores  # measured: medium 0.805, hard 0.702

@@ -14,10 +14,10 @@ Atelectasis         lower zone: a dense plate-like band (0.14-0.24 W long) or a
 Cardiomegaly        the heart silhouette widened by 26-40 % (cardiothoracic ratio > 0.55)
 Effusion            basal homogeneous opacity with a meniscus rising to the lateral
                     wall; blunts the costophrenic angle, hides the dome
-Infiltration        3-6 faint mottled patches in a 0.16-0.26 W region
-Mass                lobulated dense opacity, 0.12-0.20 W across
+Infiltration        3-6 faint mottled patches in a 0.22-0.34 W region
+Mass                lobulated dense opacity, 0.10-0.17 W across (plus lobes)
 Nodule              small round dense opacity, 0.06-0.085 W across
-Pneumonia           one ill-defined fluffy cloud (0.16-0.26 W) in the middle/lower
+Pneumonia           one ill-defined fluffy cloud (0.18-0.28 W) in the middle/lower
                     zone with dark air bronchograms
 Pneumothorax        apical/lateral rim of air without lung markings behind a thin
                     bright pleural line
@@ -158,13 +158,13 @@ def sample_finding(kind: str, a: Anatomy, rng: np.random.Generator, difficulty: 
     if kind == "Cardiomegaly":
         return Finding(**{**base, 'side': 0}, strength=u(0.26, 0.40) * c)
     if kind == "Effusion":
-        return Finding(**base, ry=u(0.26, 0.42) * k, rx=u(0.06, 0.12) * k, strength=min(u(0.8, 0.95) * c, 1.0))
+        return Finding(**base, ry=u(0.32, 0.48) * k, rx=u(0.06, 0.12) * k, strength=min(u(0.8, 0.95) * c, 1.0))
     if kind == "Infiltration":
-        r = u(0.16, 0.26) * k
-        x, y = _lung_point(rng, a, side, (-0.4, 0.6), (-0.55, 0.35), 0.5 * r)
+        r = u(0.22, 0.34) * k
+        x, y = _lung_point(rng, a, side, (-0.4, 0.6), (-0.55, 0.35), 0.4 * r)
         return Finding(**base, cx=x, cy=y, rx=r, ry=r * u(0.8, 1.25), strength=u(0.5, 0.65) * c)
     if kind == "Mass":
-        r = u(0.12, 0.20) * k
+        r = u(0.10, 0.17) * k
         x, y = _lung_point(rng, a, side, (-0.5, 0.55), (-0.55, 0.3), 0.6 * r)
         return Finding(**base, cx=x, cy=y, rx=r, ry=r * u(0.85, 1.15), angle=u(0, 180), strength=min(u(0.85, 1.0) * c, 1.0))
     if kind == "Nodule":
@@ -172,12 +172,12 @@ def sample_finding(kind: str, a: Anatomy, rng: np.random.Generator, difficulty: 
         x, y = _lung_point(rng, a, side, (-0.6, 0.7), (-0.6, 0.45), r + 0.03)
         return Finding(**base, cx=x, cy=y, rx=r, ry=r, strength=min(u(0.85, 1.0) * c, 1.0))
     if kind == "Pneumonia":
-        r = u(0.16, 0.26) * k
+        r = u(0.18, 0.28) * k
         x, y = _lung_point(rng, a, side, (-0.45, 0.55), (-0.1, 0.45), 0.5 * r)
-        return Finding(**base, cx=x, cy=y, rx=r, ry=r * u(0.8, 1.2), angle=u(0, 180), strength=min(u(0.62, 0.8) * c, 1.0))
+        return Finding(**base, cx=x, cy=y, rx=r, ry=r * u(0.95, 1.35), angle=u(0, 180), strength=min(u(0.62, 0.8) * c, 1.0))
     if kind == "Pneumothorax":
         cx, cy, ax, ay = lung_geometry(a, side)
-        return Finding(**base, cx=cx, cy=cy + u(-0.2, 0.35) * ay, rx=u(0.09, 0.16) * k, strength=u(0.14, 0.2) * c)
+        return Finding(**base, cx=cx, cy=cy + u(-0.55, 0.05) * ay, rx=u(0.09, 0.15) * k, strength=u(0.14, 0.2) * c)
     if kind == "Consolidation":
         upper = rng.random() < 0.5
         r = u(0.2, 0.3) * k
@@ -365,7 +365,7 @@ def paint_pneumothorax(canvas: Canvas, layers: Layers, a: Anatomy, f: Finding) -
     icx, icy, iax, iay = cx - f.side * 0.5 * d, cy + 0.6 * d, ax - d, ay - d
     r_in = np.sqrt(ellipse_r2(X, Y, icx, icy, iax, iay))
     lateral = (X - np.float32(cx)) * np.float32(f.side / ax)
-    sector = ramp(np.float32(f.cy) - Y, 0.04) * np.maximum(ramp(lateral + np.float32(0.1), 0.2), ramp(np.float32(cy - 0.55 * ay) - Y, 0.1))
+    sector = ramp(np.float32(f.cy) - Y, 0.04) * ramp(lateral + np.float32(0.05), 0.2)
     air = layers.air[win]
     lungish = clip01(air * np.float32(10.0))
     region = ramp((r_in - np.float32(1.0)) * np.float32(min(iax, iay)), 1.5 * canvas.pixel) * sector * lungish
