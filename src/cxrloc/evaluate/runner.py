@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import json
 import logging
+import zipfile
+import zlib
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -111,7 +113,7 @@ class Predictions:
         try:
             with np.load(path, allow_pickle=False) as z:
                 data = {k: z[k] for k in z.files}
-        except (OSError, ValueError, EOFError) as e:
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:  # truncated, bit-flipped
             raise ValueError(f"{path}: not a readable predictions file ({e})") from e
         missing = [k for k in ("image_ids", "probs", "labels", "maps", "map_index", "meta") if k not in data]
         if missing:
