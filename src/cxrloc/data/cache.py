@@ -104,7 +104,10 @@ class Cache:
     def images(self) -> np.ndarray:
         """(N, S, S) uint8 read-only memmap."""
         if self._images is None:
-            arr = np.load(self.root / IMAGES_FILE, mmap_mode="r")
+            try:  # never unpickles: a memmap refuses object arrays
+                arr = np.load(self.root / IMAGES_FILE, mmap_mode="r")
+            except (ValueError, OSError, EOFError) as e:
+                raise CacheError(f"{self.root / IMAGES_FILE}: not a readable uint8 array ({e})") from e
             if arr.shape != (len(self), self.size, self.size) or arr.dtype != np.uint8:
                 raise CacheError(f"{self.root / IMAGES_FILE}: shape {arr.shape} {arr.dtype}, expected ({len(self)}, {self.size}, {self.size}) uint8")
             self._images = arr
