@@ -85,9 +85,9 @@ class DLRVLoss(nn.Module):
             raise ValueError(
                 f"labels must be ({rows} or more, {logits.shape[1]}) for {batch} rows, got {tuple(labels.shape)}"
             )
-        targets = labels[:rows].to(logits.dtype)
-        zero = logits.new_zeros(()).float()
-        bce = F.binary_cross_entropy_with_logits(logits[:rows].float(), targets.float())
+        targets = labels[:rows].float()
+        zero = logits.new_zeros((), dtype=torch.float32)
+        bce = F.binary_cross_entropy_with_logits(logits[:rows].float(), targets)
 
         rv = zero
         if self.cfg.use_rv:
@@ -96,7 +96,7 @@ class DLRVLoss(nn.Module):
                 raise ValueError("use_rv is on but the outputs have no region_logits: call model(x, labels=...)")
             if region.shape[0] != rows:
                 raise ValueError(f"region_logits has {region.shape[0]} rows, expected {rows}")
-            rv = F.binary_cross_entropy_with_logits(region.float(), targets.float())
+            rv = F.binary_cross_entropy_with_logits(region.float(), targets)
 
         triplet = zero
         if self.cfg.use_dl:
