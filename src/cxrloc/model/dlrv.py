@@ -306,6 +306,11 @@ class DLRV(nn.Module):
             only when ``use_region`` is False), ``logits`` (B, C) global, ``region_logits``
             (B, C), ``cam_grid`` (B, C, h, w) eq. 11 maps min-max normalised to [0, 1] (float32),
             ``region_masks`` (B, C, h, w) bool, the class-specific boxes of eq. 10.
+
+        Note: under bf16 autocast the global logits stay within ~0.005 in probability, but
+        cells near the 0.8 threshold can move a class box by a grid row, which jumps that
+        class's region logit (benchmarks/model.py measured max |dp| ~0.09 on a barely trained
+        model); use fp32 (channels_last, optionally torch.compile) for exact eq. 10 scores.
         """
         with torch.inference_mode():
             return self.predict_from_features(self.forward_features(x))
