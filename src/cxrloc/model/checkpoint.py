@@ -169,8 +169,8 @@ def load_model(
     ckpt = load_checkpoint(path, map_location)
     if list(ckpt["labels"]) != list(FINDINGS):
         raise CheckpointError(
-            f"{path}: label set differs from this cxrloc's FINDINGS: checkpoint {list(ckpt['labels'])} "
-            f"vs {list(FINDINGS)}"
+            f"{path}: label set differs from this cxrloc's FINDINGS ({_label_difference(list(ckpt['labels']))}): "
+            f"checkpoint {list(ckpt['labels'])} vs {list(FINDINGS)}"
         )
     try:
         cfg = Config.from_dict(ckpt["config"], source=f"{path} (stored config)")
@@ -231,6 +231,16 @@ def _check_archive(source: str | Path | IO[bytes], path: str | Path) -> None:
                               "config.save.compute_crc32 is off); corruption could not be detected")
     if damaged is not None:
         raise CheckpointError(f"{path}: corrupt checkpoint: CRC-32 mismatch in record {damaged!r} (bit flip or bad copy)")
+
+
+def _label_difference(labels: list[Any]) -> str:
+    """What differs between a checkpoint's class names and FINDINGS, in a few words."""
+    extra = [n for n in labels if n not in FINDINGS]
+    missing = [n for n in FINDINGS if n not in labels]
+    if extra or missing or len(labels) != len(FINDINGS):
+        return f"{len(labels)} classes vs {len(FINDINGS)}; only in the checkpoint: {extra}; missing: {missing}"
+    i = next(i for i, (a, b) in enumerate(zip(labels, FINDINGS, strict=True)) if a != b)
+    return f"same names in another order, first at position {i}: {labels[i]!r} vs {FINDINGS[i]!r}"
 
 
 def _unwrap(model: torch.nn.Module) -> DLRV:
