@@ -73,6 +73,10 @@ def save_checkpoint(
     """
     model = _unwrap(model)
     state = {k: v.detach().to("cpu").clone() for k, v in model.state_dict().items()}
+    nonfinite = _nonfinite_tensors(state)
+    if nonfinite:  # a diverged model never replaces a good checkpoint
+        raise CheckpointError(f"{path}: not saved: {len(nonfinite)} weight tensor(s) hold NaN or inf, e.g. "
+                              f"{nonfinite[:3]}; the previous file, if any, is unchanged")
     payload: dict[str, Any] = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -137,7 +141,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     bad = [k for k, v in state.items() if tensor_sha256(v) != sums[k]]
     if bad:
         raise CheckpointError(f"{path}: checksum mismatch in {len(bad)} tensor(s) (corrupt), e.g. {bad[:3]}")
-    nonfinite = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    nonfinite = _nonfinite_tensors(state)
     if nonfinite:
         raise CheckpointError(f"{path}: {len(nonfinite)} weight tensor(s) hold NaN or inf (a diverged run?), "
                               f"e.g. {nonfinite[:3]}; refusing to use it")
@@ -231,6 +235,11 @@ def _check_archive(source: str | Path | IO[bytes], path: str | Path) -> None:
                               "config.save.compute_crc32 is off); corruption could not be detected")
     if damaged is not None:
         raise CheckpointError(f"{path}: corrupt checkpoint: CRC-32 mismatch in record {damaged!r} (bit flip or bad copy)")
+
+
+def _nonfinite_tensors(state: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors that hold a NaN or an inf."""
+    return [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
 
 
 def _label_difference(labels: list[Any]) -> str:
