@@ -71,7 +71,7 @@ def test_boxes_and_probabilities_match_the_model(sample_dir, checkpoint):
     path = sample_dir / "images" / "00000150_002.png"
     image, size = read_image_resized(path, 256)
     probs, maps = predictor.run_batch(image[None])
-    ref = model.predict(batch_transform(torch.from_numpy(image[None]), cfg.data))
+    ref = model.predict(batch_transform(torch.from_numpy(image[None].copy()), cfg.data))
     np.testing.assert_allclose(probs[0], ref["probs"][0].numpy(), atol=1e-5)
     dets = predictor.detections(probs[0], maps[0], size)
     mass = dets[FINDINGS.index("Mass")]["boxes"][0]
