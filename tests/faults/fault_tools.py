@@ -246,7 +246,12 @@ def dicom_bytes(array: np.ndarray | None, transfer_syntax: str | None = None, **
     for k, v in attrs.items():
         setattr(ds, k, v)
     if array is not None:
-        ds.PixelData = np.ascontiguousarray(array, dtype="<u2").tobytes()
+        raw = np.ascontiguousarray(array, dtype="<u2").tobytes()
+        if meta.TransferSyntaxUID != ExplicitVRLittleEndian:  # a compressed syntax: encapsulated (undecodable) bytes
+            from pydicom.encaps import encapsulate
+
+            raw = encapsulate([raw])
+        ds.PixelData = raw
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=True)
     return buf.getvalue()
