@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Checkpoint
 
 import cxrloc
 from cxrloc.config import Config, load_config
@@ -387,7 +387,7 @@ def _train(cfg: Config, cache_dir: Path, folder: Path, progress: bool, say: Call
 def _evaluate(ckpt: Path, cache_dir: Path, folder: Path, plan: DemoPlan) -> dict[str, Any]:
     from cxrloc.cli import build_parser
 
-    args = build_parser().parse_args([
+    args = build_parser("evaluate").parse_args([
         "evaluate", "--checkpoint", str(ckpt), "--data", str(cache_dir), "--out", str(folder),
         "--bootstrap", str(plan.bootstrap), "--examples", str(plan.examples),
     ])
@@ -400,7 +400,7 @@ def _predict(ckpt: Path, images: list[Path], folder: Path, map_threshold: float,
 
     if not images:
         raise RuntimeError("no test image with a ground-truth box to draw (the synthetic split has none)")
-    args = build_parser().parse_args([
+    args = build_parser("predict").parse_args([
         "predict", *map(str, images), "--checkpoint", str(ckpt), "--out", str(folder),
         "--map-threshold", f"{map_threshold:g}", "--decode-size", str(size), "--workers", "1",
     ])
@@ -476,8 +476,12 @@ def _quiet_lightning() -> Iterator[None]:
             logging.getLogger(n).setLevel(level)
 
 
-class _EpochLine(Callback):
-    """One line per training epoch: losses, validation mean AUC, seconds per epoch and ETA."""
+class _EpochLine(Checkpoint):
+    """One line per training epoch: losses, validation mean AUC, seconds per epoch and ETA.
+
+    A :class:`~lightning.pytorch.callbacks.Checkpoint` subclass only so that Lightning calls its
+    ``on_train_epoch_end`` after the LightningModule's, when the epoch's means are set; it saves nothing.
+    """
 
     def __init__(self, say: Callable[[str], None], max_epochs: int) -> None:
         self.say, self.max_epochs = say, max_epochs
