@@ -114,7 +114,10 @@ def image_size(path: str | Path) -> tuple[int, int]:
     path = Path(path)
     if _is_dicom(path):
         ds = _dcmread(path, stop_before_pixels=True)
-        return int(ds.Columns), int(ds.Rows)
+        try:
+            return int(ds.Columns), int(ds.Rows)
+        except (AttributeError, TypeError, ValueError) as e:
+            raise ImageDecodeError(f"{path}: DICOM header lacks valid Rows/Columns ({_describe(e)})") from e
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
