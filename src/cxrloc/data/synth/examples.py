@@ -5,6 +5,7 @@ Regenerate with ``cxrloc synth --examples docs/synth_examples.png`` (seed 0, med
 
 from __future__ import annotations
 
+import dataclasses
 import io
 from pathlib import Path
 
@@ -24,13 +25,19 @@ TEXT_COLOUR = (255, 230, 0)
 
 
 def example_tiles(seed: int = 0, difficulty: str = "medium", size: int = 160) -> list[tuple[str, np.ndarray, dict]]:
-    """(title, (S, S) uint8 image, boxes) for No Finding and each finding alone, on different patients."""
+    """(title, (S, S) uint8 image, boxes) for No Finding and each finding alone, on different patients.
+
+    Exposure is fixed at mid values so the picture shows each finding plainly; pose,
+    noise and anatomy vary as in the dataset.
+    """
     diff = get_difficulty(difficulty)
     tiles = []
     for i, kind in enumerate((None, *FINDINGS)):
         rng = np.random.default_rng([seed, KEY_EXAMPLES, i])
         anatomy = sample_anatomy(rng, "M" if i % 2 else "F")
-        phantom = Phantom(anatomy, sample_acquisition(rng, diff.noise))
+        # mid exposure for the picture (the dataset varies it per image)
+        acquisition = dataclasses.replace(sample_acquisition(rng, diff.noise), low=0.04, high=1.0, gamma=1.0)
+        phantom = Phantom(anatomy, acquisition)
         findings = [sample_finding(kind, anatomy, rng, diff)] if kind else []
         out = render(phantom, findings, size)
         tiles.append((kind or NO_FINDING, out.image, out.boxes))
