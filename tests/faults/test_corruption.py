@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from fault_tools import flip_bit, sha256, tree_state, truncate
+from fault_tools import FAST_TRAIN, flip_bit, sha256, tree_state, truncate
 
 from cxrloc.cli import main
 from cxrloc.config import load_config
@@ -73,13 +73,22 @@ def test_bit_flips_in_cache_files_are_detected(clean_cache, tmp_path, name):
     assert harmless < 12
 
 
+@pytest.mark.parametrize("key", ["format", "size", "count", "files", "images.npy", "index.csv", "bytes", "sha256"])
+def test_damaged_meta_json_key_is_a_cache_error(clean_cache, tmp_path, key):
+    """A flip in a key name of meta.json (where no checksum can guard it): CacheError, not KeyError/TypeError."""
+    root = shutil.copytree(clean_cache, tmp_path / "cache")
+    text = (root / "meta.json").read_bytes()
+    flip_bit(root / "meta.json", text.index(f'"{key}"'.encode()) + 1, 1)
+    with pytest.raises(CacheError, match=r"meta\.json: "):
+        _open_and_verify(root)
+
+
 def test_training_refuses_a_bit_flipped_cache(reference_run, tmp_path):
     root = shutil.copytree(reference_run.cache, tmp_path / "cache")
     flip_bit(root / "images.npy", (root / "images.npy").stat().st_size - 1000, 3)  # one pixel: same size
     Cache(root)  # opening alone cannot see it (sizes match) ...
     with pytest.raises(CacheError, match=r"images\.npy: checksum mismatch"):  # ... training verifies first
-        train(load_config("dlrv", ["model.backbone=densenet-tiny", "model.pretrained=false"]), root, tmp_path / "run",
-              progress="none")
+        train(load_config("dlrv", list(FAST_TRAIN)), root, tmp_path / "run", progress="none")
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 

@@ -66,6 +66,26 @@ def test_finished_cache_is_not_rewritten_under_a_zero_limit(synth_data, clean_ca
     assert tree_state(out) == before
 
 
+def test_prepare_reserves_the_partial_file_before_decoding(synth_data, tmp_path, monkeypatch):
+    """The partial array is a memmap: its blocks are reserved up front (posix_fallocate), so a full disk is a
+    clear error before any image is decoded, not a SIGBUS in a worker (seen on a full tmpfs before the fix)."""
+    import errno
+    import os
+
+    import cxrloc.data.prepare_worker as worker
+
+    def no_room(fd, offset, length):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    decoded = []
+    monkeypatch.setattr(os, "posix_fallocate", no_room)
+    monkeypatch.setattr(worker, "read_image_resized", lambda *a, **k: decoded.append(a))
+    out = tmp_path / "cache"
+    with pytest.raises(OSError, match=r"No space left on device: cannot write \S*images\.npy\.partial"):
+        prepare_cache(synth_data, out, **PREPARE_KW)
+    assert decoded == [] and not (out / "images.npy.partial").exists()
+
+
 @pytest.mark.parametrize("victim", ["prepare_state.json", "report.json", "index.csv", "boxes.csv", "meta.json"])
 def test_prepare_disk_full_at_each_output(synth_data, clean_cache, tmp_path, monkeypatch, victim):
     out = tmp_path / "cache"
