@@ -138,4 +138,11 @@ def decode_main(files: list[str]) -> None:
 
 if __name__ == "__main__":
     command, *rest = sys.argv[1:]
-    {"prepare": prepare_main, "train": train_main}.get(command, lambda *a: decode_main(list(a)))(*rest)
+    if command == "prepare":
+        prepare_main(*rest)
+    elif command == "train":
+        train_main(*rest)
+    elif command == "decode":
+        decode_main(rest)
+    else:
+        raise SystemExit(f"unknown command {command!r}")

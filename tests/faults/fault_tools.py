@@ -13,7 +13,6 @@ import io
 import json
 import os
 import resource
-import shutil
 import signal
 import struct
 import subprocess
@@ -193,11 +192,6 @@ def cache_bytes(root: Path) -> dict[str, Any]:
     meta.pop("created", None)
     return {"files": {n: (root / n).read_bytes() for n in CACHE_FILES}, "meta": meta,
             "listing": sorted(p.name for p in root.iterdir())}
-
-
-def copy_tree(src: Path, dst: Path) -> Path:
-    shutil.copytree(src, dst)
-    return dst
 
 
 # --------------------------------------------------------------------------- image files

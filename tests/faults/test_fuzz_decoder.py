@@ -193,10 +193,8 @@ def _run_fuzz_child(files: list[Path]) -> dict[str, list[str]]:
     def limit_memory() -> None:
         resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
 
-    list_file = files[0].parent / "inputs.txt"
     proc = subprocess.Popen([sys.executable, str(CHILD), "decode", *map(str, files)], stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, env=child_env(), preexec_fn=limit_memory)
-    list_file.write_text("\n".join(map(str, files)))
     lines: dict[str, list[str]] = {"OK": [], "ERR": [], "BAD": []}
     current = None
     sel = selectors.DefaultSelector()
@@ -206,7 +204,8 @@ def _run_fuzz_child(files: list[Path]) -> dict[str, list[str]]:
         while True:
             if not sel.select(timeout=PER_INPUT_SECONDS):
                 proc.kill()
-                raise AssertionError(f"decoder hung for more than {PER_INPUT_SECONDS} s on {files[int(current)]}")
+                where = files[int(current)] if current is not None else "start-up"
+                raise AssertionError(f"decoder hung for more than {PER_INPUT_SECONDS} s on {where}")
             chunk = os.read(proc.stdout.fileno(), 65536)
             if not chunk:
                 break
