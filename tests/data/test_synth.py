@@ -362,5 +362,5 @@ def test_hard_is_not_solved_by_a_linear_probe_while_medium_is_easier(tmp_path):
     for difficulty in ("medium", "hard"):
         root = generate_dataset(tmp_path / difficulty, 1500, size=64, seed=1, difficulty=difficulty, progress=False).root
         scores[difficulty] = linear_probe(root, downsample=16)["mean_auc"]
-    assert scores["hard"] < 0.75, scores
-    assert scores["medium"] > scores["hard"] + 0.05, scores  # measured: medium 0.805, hard 0.702
+    assert scores["hard"] < 0.72, scores
+    assert scores["medium"] > scores["hard"] + 0.05, scores  # measured: medium 0.809, hard 0.665

@@ -32,7 +32,8 @@ Hernia              round soft-tissue bubble behind the heart above the left dom
                     with a gas cap and a straight air-fluid level
 ==================  ==================================================================
 
-Difficulty (:data:`DIFFICULTIES`) scales strength ("contrast"), size and image noise.
+Difficulty (:data:`DIFFICULTIES`) scales strength ("contrast"), size and image noise;
+the wide findings (:data:`WIDE_FINDINGS`) scale with contrast ** 1.5.
 """
 
 from __future__ import annotations
@@ -61,6 +62,10 @@ from cxrloc.labels import FINDINGS
 
 #: Findings drawn by changing the anatomy itself (their box is where the image changed).
 ANATOMY_FINDINGS = ("Cardiomegaly", "Emphysema")
+#: Findings spread over a large area: a linear probe integrates them easily, so their strength
+#: follows contrast ** WIDE_CONTRAST_POWER (same at medium, weaker at hard, stronger at easy).
+WIDE_FINDINGS = ("Cardiomegaly", "Edema", "Emphysema")
+WIDE_CONTRAST_POWER = 1.5
 
 
 @dataclass(frozen=True)
@@ -140,6 +145,8 @@ def sample_finding(kind: str, a: Anatomy, rng: np.random.Generator, difficulty: 
         raise ValueError(f"unknown finding {kind!r}")
     u = rng.uniform
     k, c = difficulty.size, difficulty.contrast
+    if kind in WIDE_FINDINGS:
+        c = c**WIDE_CONTRAST_POWER
     side = -1 if rng.random() < 0.5 else 1
     seed = int(rng.integers(0, 2**31 - 1))
     base = dict(kind=kind, side=side, seed=seed)
