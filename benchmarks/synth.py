@@ -39,6 +39,7 @@ from cxrloc.data.synth.generator import generate_dataset, render_job, tune_mallo
 from cxrloc.data.synth.probe import linear_probe
 from cxrloc.data.synth.writer import encode_png_gray
 from cxrloc.fileio import atomic_write_json
+from cxrloc.labels import SHORT_NAMES
 
 TARGET_PER_CORE = 200.0
 
@@ -149,7 +150,7 @@ def main() -> None:
         result["linear_probe"] = probes(args.probe_images)
         print(f"  {'difficulty':10s} {'mean AUC':>8s}  per finding")
         for d, p in result["linear_probe"].items():
-            per = " ".join(f"{f[:4]} {a:.2f}" for f, a in p["auc"].items())
+            per = " ".join(f"{SHORT_NAMES[f]} {a:.2f}" for f, a in p["auc"].items())
             print(f"  {d:10s} {p['mean_auc']:8.3f}  {per}")
     atomic_write_json(args.out, result)
     print(f"wrote {args.out}")
