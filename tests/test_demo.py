@@ -1,0 +1,144 @@
+"""``cxrloc demo``: the end-to-end test (``--quick``), idempotent reruns, and the demo's helpers.
+
+The end-to-end test runs the whole pipeline (synth -> prepare -> train -> evaluate -> predict ->
+report) with the quick plan in a temporary folder and checks every stage's output and the
+report's structure and value ranges. KNOWN GAP (issue 8, open): the quick plan does not yet
+learn reliably (measured mean test AUC 0.52-0.57 with 1-2 threads), so this test does not yet
+assert a margin above chance; once the demo plans are tuned it must assert mean AUC > 0.5 +
+AUC_MARGIN and a bootstrap interval above 0.5. The quality targets of the default demo (mean AUC
+>= 0.90, box accuracy at T = 0.3 >= 0.5) are measured by ``benchmarks/demo.py``, not here.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cxrloc.cli import main
+from cxrloc.config import load_config
+from cxrloc.demo import (
+    PLANS,
+    STAMP,
+    VARIANTS,
+    _remove_stage_folder,
+    cam_threshold_of,
+    choose_threads,
+    variant_config,
+)
+from cxrloc.demo_report import Difference, _mean_of_findings
+
+AUC_MARGIN = 0.1
+
+
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("demo") / "quick"
+    assert main(["demo", "--quick", "--out", str(out), "--no-progress"]) == 0
+    return out
+
+
+def test_quick_demo_end_to_end(quick_demo: Path) -> None:
+    out = quick_demo
+    for name in ("report.md", "report.html", "demo.json"):
+        assert (out / name).is_file(), name
+    doc = json.loads((out / "demo.json").read_text())
+    assert [s["name"] for s in doc["stages"]] == ["synth", "prepare", "train dlrv", "evaluate dlrv", "predict"]
+    assert all(s["status"] == "ran" for s in doc["stages"])
+    res = doc["results"]["dlrv"]
+    lo, hi = res["mean_auc_ci"]
+    assert 0.0 <= lo <= res["mean_auc"] <= hi <= 1.0, res
+    assert res["boxes"] > 0 and res["box_accuracy_mean"]["0.1"] is not None
+    # every stage's output is where the report says
+    assert (out / "synth" / "Data_Entry_2017.csv").is_file()
+    assert (out / "cache" / "images.npy").is_file()
+    assert (out / "train" / "dlrv" / "checkpoints" / "best.pt").is_file()
+    assert (out / "evaluate" / "dlrv" / "metrics.json").is_file()
+    assert doc["overlays"] and all(Path(p).is_file() for p in doc["overlays"])
+    md = (out / "report.md").read_text()
+    for needle in ("Time per stage", "Table 1", "Table 2", "T=0.3", "Where to look", f"{res['mean_auc']:.3f}"):
+        assert needle in md, needle
+    html = (out / "report.html").read_text()
+    assert html.startswith("<!doctype html>") and "data:image/png;base64," in html
+
+
+def test_quick_demo_rerun_reuses_every_stage(quick_demo: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    before = json.loads((quick_demo / "demo.json").read_text())
+    assert main(["demo", "--quick", "--out", str(quick_demo), "--no-progress"]) == 0
+    doc = json.loads((quick_demo / "demo.json").read_text())
+    assert [s["status"] for s in doc["stages"]] == ["reused"] * 5
+    assert doc["results"] == before["results"]
+    assert "reusing" in capsys.readouterr().out
+
+
+def test_changed_seed_redoes_the_stages(tmp_path: Path) -> None:
+    """A stamp with another key is not reused; a folder not written by the demo is never deleted."""
+    out = tmp_path / "demo"
+    stage = out / "synth"
+    stage.mkdir(parents=True)
+    (stage / "Data_Entry_2017.csv").write_text("x")
+    (stage / STAMP).write_text(json.dumps({"key": "old"}))
+    _remove_stage_folder(stage, out)
+    assert not stage.exists()
+    mine = out / "cache"
+    mine.mkdir()
+    (mine / "my_notes.txt").write_text("keep me")
+    with pytest.raises(RuntimeError, match="not written by cxrloc demo"):
+        _remove_stage_folder(mine, out)
+    with pytest.raises(RuntimeError, match="not inside the demo folder"):
+        _remove_stage_folder(tmp_path / "elsewhere", out)
+    assert (mine / "my_notes.txt").read_text() == "keep me"
+
+
+def test_ablation_variants_share_the_budget() -> None:
+    plan = PLANS["default"]
+    full = variant_config(plan, "dlrv", seed=3).to_dict()
+    assert full["loss"]["use_dl"] and full["loss"]["use_rv"] and full["train"]["seed"] == 3
+    for variant, (use_dl, use_rv) in VARIANTS.items():
+        cfg = variant_config(plan, variant, seed=3)
+        assert (cfg.loss.use_dl, cfg.loss.use_rv) == (use_dl, use_rv)
+        assert cfg.variant == variant
+        d = cfg.to_dict()
+        for section in ("data", "model", "train", "mining", "eval"):
+            assert d[section] == full[section], (variant, section)
+    with pytest.raises(ValueError, match="unknown variant"):
+        variant_config(plan, "dlrv_plus", seed=0)
+
+
+def test_shipped_demo_configs_load() -> None:
+    for plan in PLANS.values():
+        cfg = load_config(plan.config)
+        assert cfg.name == plan.config
+        assert cfg.loss.use_dl and cfg.loss.use_rv  # the demo trains the full method
+        assert cfg.model.pretrained is False  # nothing is downloaded
+
+
+def test_choose_threads() -> None:
+    assert choose_threads(3) == 3
+    assert choose_threads(None) >= 1
+    with pytest.raises(ValueError):
+        choose_threads(0)
+
+
+def test_cam_threshold_of() -> None:
+    m = {"localization": {"available": True, "cross_validated": {"chosen_thresholds": [0.3, 0.5, 0.4]},
+                          "fixed": {"cam_threshold": 0.5}}}
+    assert cam_threshold_of(m) == 0.4
+    m["localization"]["cross_validated"] = None
+    assert cam_threshold_of(m) == 0.5
+
+
+def test_paired_difference_of_box_accuracy() -> None:
+    """Mean-of-findings accuracy difference, by hand: findings 0 and 1, unit weights."""
+    a = np.array([1, 1, 0, 1], dtype=float)  # finding 0: 2/2, finding 1: 1/2
+    b = np.array([1, 0, 0, 0], dtype=float)  # finding 0: 1/2, finding 1: 0/2
+    fidx = np.array([0, 0, 1, 1])
+    diff = _mean_of_findings(a, b, np.ones((1, 4)), fidx, 2)
+    assert diff.shape == (1,) and diff[0] == pytest.approx(((1 - 0.5) + (0.5 - 0.0)) / 2)
+    # a resample that drops finding 1's boxes leaves the mean over finding 0 only
+    diff = _mean_of_findings(a, b, np.array([[1.0, 1.0, 0.0, 0.0]]), fidx, 2)
+    assert diff[0] == pytest.approx(0.5)
+    assert Difference(0.01, -0.02, 0.04, True).within_noise
+    assert not Difference(-0.05, -0.08, -0.01, False).within_noise
