@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -33,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from _machine import machine
 from scipy import ndimage
 
 from cxrloc.config import EvalConfig, load_config
@@ -49,27 +49,6 @@ from cxrloc.predict import Predictor, predict_files
 DEFAULT_SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "nih-cxr14"
 #: approximate prevalence per finding on the official test split (paper order)
 PREVALENCE = np.array([0.12, 0.04, 0.18, 0.24, 0.07, 0.06, 0.02, 0.11, 0.07, 0.04, 0.04, 0.02, 0.04, 0.003])
-
-
-def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "load_average_at_start": os.getloadavg(),
-        "python": sys.version.split()[0],
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-        "platform": platform.platform(),
-    }
 
 
 def smooth_maps(rng: np.random.Generator, n: int) -> np.ndarray:

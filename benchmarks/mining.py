@@ -21,16 +21,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
+from _machine import machine
 from PIL import Image
 
 from cxrloc.config import MiningConfig
@@ -41,28 +39,6 @@ from cxrloc.mining import TripletMiner, hamming, phash_batch, phash_index
 from cxrloc.mining import phash as ph
 
 DEFAULT_SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "nih-cxr14"
-
-
-def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "load_average_at_start": os.getloadavg(),
-        "python": sys.version.split()[0],
-        "numpy": np.__version__,
-        "torch": torch.__version__,
-        "platform": platform.platform(),
-        "note": "shared machine: other jobs may have been running",
-    }
 
 
 def smooth_images(n: int, size: int, seed: int = 0) -> np.ndarray:
@@ -187,7 +163,7 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "mining.json")
     args = ap.parse_args()
 
-    result = {"machine": machine()}
+    result = {"machine": machine(note="shared machine: other jobs may have been running")}
     result["phash"] = p = bench_phash(args.images, args.size, args.sample_dir, args.repeats)
     result["mining"] = m = bench_mining(args.anchors, args.sample_dir)
     result["targets"] = {

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -37,8 +36,8 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
-import PIL
 import torch
+from _machine import machine
 from torch.utils.data import DataLoader, Dataset
 
 from cxrloc.config import DataConfig
@@ -52,28 +51,6 @@ from cxrloc.fileio import atomic_write_json
 
 DEFAULT_SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "nih-cxr14"
 CHUNK = 20
-
-
-def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "load_average_at_start": os.getloadavg(),
-        "python": sys.version.split()[0],
-        "torch": torch.__version__,
-        "pillow": PIL.__version__,
-        "numpy": np.__version__,
-        "platform": platform.platform(),
-    }
 
 
 def _chunks(paths: list[str], partial: str, size: int) -> list[tuple]:

@@ -23,15 +23,11 @@ from __future__ import annotations
 
 import argparse
 import io
-import os
-import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import PIL
+from _machine import machine
 from PIL import Image
 
 from cxrloc.data.synth.cohort import plan_cohort
@@ -42,26 +38,6 @@ from cxrloc.fileio import atomic_write_json
 from cxrloc.labels import SHORT_NAMES
 
 TARGET_PER_CORE = 200.0
-
-
-def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "load_average_at_start": os.getloadavg(),
-        "python": sys.version.split()[0],
-        "numpy": np.__version__,
-        "pillow": PIL.__version__,
-        "platform": platform.platform(),
-    }
 
 
 def speed(n_images: int, size: int) -> dict:
