@@ -142,3 +142,22 @@ def test_paired_difference_of_box_accuracy() -> None:
     assert diff[0] == pytest.approx(0.5)
     assert Difference(0.01, -0.02, 0.04, True).within_noise
     assert not Difference(-0.05, -0.08, -0.01, False).within_noise
+
+
+def test_demo_backbone_grids() -> None:
+    """densenet-small (the demo's backbone): 216 features; stride 8 gives a 16 x 16 grid at 128 px."""
+    import torch
+
+    from cxrloc.model.backbone import create_backbone
+
+    x = torch.randn(1, 3, 128, 128)
+    shapes = {}
+    names = {}
+    for stride in (32, 16, 8):
+        module, k = create_backbone("densenet-small", output_stride=stride)
+        with torch.no_grad():
+            shapes[stride] = tuple(module.eval()(x).shape)
+        names[stride] = list(module.state_dict())
+        assert k == 216
+    assert shapes == {32: (1, 216, 4, 4), 16: (1, 216, 8, 8), 8: (1, 216, 16, 16)}
+    assert names[8] == names[16] == names[32]  # same parameters: checkpoints and weights load at any stride

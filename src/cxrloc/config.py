@@ -46,10 +46,10 @@ class DataConfig:
 class ModelConfig:
     """Embedding network and the two classifiers (eq. 1, 6-8, 10-11)."""
 
-    backbone: Literal["densenet121", "densenet-tiny"] = "densenet121"
+    backbone: Literal["densenet121", "densenet-tiny", "densenet-small"] = "densenet121"
     pretrained: bool = True  # ImageNet init when weights are available (falls back with a warning)
     weights_path: str | None = None  # local torchvision DenseNet-121 state_dict
-    output_stride: Literal[32, 16] = 32  # paper: DenseNet-121 stride 32 (7x7 at 224); ours: 16 for small demo inputs
+    output_stride: Literal[32, 16, 8] = 32  # paper: DenseNet-121 stride 32 (7x7 at 224); ours: 16 or 8 for small demo inputs
     cam_threshold: float = 0.8  # paper: threshold on the normalised attentive map
     rv_pooling: Literal["gap", "box"] = "gap"  # paper-literal GAP over the masked map; "box": mean over box cells
     normalize_embeddings: bool = False  # ours: raw 1024-d embeddings (option: L2-normalise)

@@ -95,7 +95,7 @@ class DemoPlan:
 
 PLANS: dict[str, DemoPlan] = {
     "default": DemoPlan("default", images=3000, size=128, config="demo", bootstrap=1000),
-    "quick": DemoPlan("quick", images=700, size=96, config="demo_quick", bootstrap=200, overlays=4, examples=1),
+    "quick": DemoPlan("quick", images=900, size=96, config="demo_quick", bootstrap=200, overlays=4, examples=1),
 }
 
 

@@ -22,7 +22,7 @@ DIFFICULTIES = ("easy", "medium", "hard")
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=None,
                    help="demo folder (default ./cxrloc-demo, or ./cxrloc-demo-quick with --quick)")
-    p.add_argument("--quick", action="store_true", help="small plan: 700 images of 96 px, short training (about 2 minutes)")
+    p.add_argument("--quick", action="store_true", help="small plan: 900 images of 96 px, short training (about 2 minutes)")
     p.add_argument("--ablation", action="store_true",
                    help="also train baseline, dlrv_no_dl and dlrv_no_rv with the same budget and compare (Tables 1 and 3)")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic dataset and of training (default 0)")

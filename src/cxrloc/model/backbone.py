@@ -10,10 +10,14 @@ Backbones:
     ``densenet-tiny``: the same DenseNet structure (stem, 4 dense blocks, 3
         transitions, norm5) with 2 layers per block, growth rate 16 and 32 stem
         channels: 64 features, ~45k parameters, stride 32. For tests and the CPU demo.
+    ``densenet-small``: as tiny with deeper blocks 2-4 (2, 4, 8, 8 layers): 216 features,
+        ~215k parameters; the `cxrloc demo` backbone (ours: the extra layers run at low
+        resolution, so they cost little; measured in the demo's tuning runs).
 
 ``output_stride=16`` (ours, an option for small demo inputs) switches off the
-average pooling of the last transition, so g is (B, K, H/16, W/16); the parameters
-and their names are unchanged, so ImageNet weights still load.
+average pooling of the last transition, so g is (B, K, H/16, W/16); ``output_stride=8``
+also that of the second transition, (B, K, H/8, W/8) (the demo: a 16 x 16 grid at 128 px).
+The parameters and their names are unchanged, so ImageNet weights still load.
 
 Pretrained weights (``pretrained=True``, densenet121 only) come from torchvision's
 ``DenseNet121_Weights.IMAGENET1K_V1``: the file is looked up in the torch hub cache
@@ -41,12 +45,13 @@ from torchvision.models.densenet import DenseNet121_Weights
 
 log = logging.getLogger(__name__)
 
-BACKBONES = ("densenet121", "densenet-tiny")
+BACKBONES = ("densenet121", "densenet-tiny", "densenet-small")
 
 #: DenseNet hyper-parameters per backbone name (torchvision's DenseNet class builds them).
 _DENSENET_SPECS: dict[str, dict] = {
     "densenet121": dict(growth_rate=32, block_config=(6, 12, 24, 16), num_init_features=64, bn_size=4),
     "densenet-tiny": dict(growth_rate=16, block_config=(2, 2, 2, 2), num_init_features=32, bn_size=2),
+    "densenet-small": dict(growth_rate=16, block_config=(2, 4, 8, 8), num_init_features=32, bn_size=2),
 }
 
 #: Old torchvision checkpoints name dense-layer parts "norm.1", "conv.2", ...; modules now use "norm1".
@@ -89,23 +94,25 @@ def create_backbone(
             random init with one warning.
         weights_path: a local torchvision DenseNet state_dict to load (takes precedence
             over ``pretrained``); errors name the file.
-        output_stride: 32 (paper) or 16 (last transition without pooling).
+        output_stride: 32 (paper), 16 (last transition without pooling) or 8 (last two).
 
     Returns:
         (module mapping (B, 3, H, W) -> (B, K, H/s, W/s), K).
     """
     if name not in _DENSENET_SPECS:
         raise BackboneError(f"unknown backbone {name!r}; expected one of {', '.join(BACKBONES)}")
-    if output_stride not in (16, 32):
-        raise BackboneError(f"output_stride must be 16 or 32, got {output_stride!r}")
+    if output_stride not in (8, 16, 32):
+        raise BackboneError(f"output_stride must be 8, 16 or 32, got {output_stride!r}")
     features = DenseNet(**_DENSENET_SPECS[name]).features
     num_features = features.norm5.num_features
     if weights_path is not None:
         load_densenet_weights(features, weights_path)
     elif pretrained:
         _load_imagenet_weights(name, features)
-    if output_stride == 16:
+    if output_stride <= 16:
         features.transition3.pool = nn.Identity()
+    if output_stride == 8:
+        features.transition2.pool = nn.Identity()
     return DenseNetBackbone(features, num_features, output_stride), num_features
 
 
