@@ -32,6 +32,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(HERE))
 
 BUDGET_S = {"default": 600.0, "quick": 120.0}
 
@@ -81,7 +82,8 @@ def main() -> int:
     ap.add_argument("--keep", type=Path, default=None, help="keep the demo folders under this folder")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
-    from cxrloc.demo import machine_description
+    from _machine import machine
+
     from cxrloc.fileio import atomic_write_json
 
     plan = "quick" if args.quick else "default"
@@ -97,7 +99,7 @@ def main() -> int:
                   + " ".join(f"T={t}: {v:.2f}" for t, v in r["box_accuracy_mean"].items() if v is not None), flush=True)
     first = runs[0]
     doc = {
-        "machine": machine_description() | {"load_average_start": first["load_average_start"]},
+        "machine": machine(note="shared machine: other jobs may have been running; cpu_s is the demo's own CPU time"),
         "plan": plan,
         "difficulty": args.difficulty,
         "runs": runs,

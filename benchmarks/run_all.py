@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -40,6 +39,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(HERE))
 
 #: smaller sizes for scripts without --quick (applied only when their --help lists the flag)
 QUICK_ARGS: dict[str, list[str]] = {
@@ -50,41 +50,57 @@ QUICK_ARGS: dict[str, list[str]] = {
     "demo": ["--quick"],
 }
 
-#: per script: rows (figure, value path, unit, baseline label, baseline path, ratio path or None = value/baseline)
-#: a path is dot-separated keys; ``[i]`` indexes a list; ``{a|b}`` tries alternatives
-HEADLINES: dict[str, list[tuple[str, str, str, str, str, str | None]]] = {
+#: per script: rows (figure, value path, unit, baseline label, baseline path, kind); a path is dot-separated
+#: keys, ``[i]`` indexes a list, ``_const.X`` is the number X. ``kind`` says how the ratio reads:
+#:   "time"    lower is better: baseline / value, "N.NNx faster" (or "slower")
+#:   "rate"    higher is better: value / baseline, "N.NNx faster" (or "slower")
+#:   "cost"    value / baseline, "N.NNx the baseline" (an overhead the method pays)
+#:   "quality" value / baseline, "N.NNx the baseline" (higher is better)
+HEADLINES: dict[str, list[tuple[str, str, str, str, str, str]]] = {
     "demo": [
-        ("demo: DLRV mean test AUC", "demo.mean_auc", "", "chance", "baselines.chance_auc", None),
+        ("demo: DLRV mean test AUC (synthetic, seed 0)", "demo.mean_auc", "", "chance", "baselines.chance_auc",
+         "quality"),
         ("demo: mean box accuracy at IoU > 0.3", "demo.box_accuracy_t0.3", "", "centred box (no model)",
-         "baselines.centred_box_t0.3", None),
-        ("demo: wall time, all stages", "demo.seconds_total", "s", "budget", "baselines.budget_s", None),
+         "baselines.centred_box_t0.3", "quality"),
+        ("demo: wall time, all stages", "demo.seconds_total", "s", "budget", "baselines.budget_s", "time"),
     ],
     "evaluate": [
         ("evaluate: score a full test split from cached predictions", "scoring.evaluate_predictions_total_s", "s",
-         "target", "targets.scoring_s_max", None),
+         "target", "targets.scoring_s_max", "time"),
         ("evaluate: CAM map -> boxes, per map", "scoring.per_map_ms.lattice", "ms", "threshold + scipy label",
-         "scoring.per_map_ms.brute_force_label", None),
-        ("predict: fastest setting, DenseNet-121 224", "predict.rows[3].images_per_s", "img/s", "plain fp32",
-         "predict.rows[0].images_per_s", "predict.rows[3].speedup_vs_plain"),
+         "scoring.per_map_ms.brute_force_label", "time"),
+        ("predict: channels_last + 2 threads + bf16, DenseNet-121 224", "predict.rows[3].images_per_s", "img/s",
+         "plain fp32", "predict.rows[0].images_per_s", "rate"),
     ],
     "mining": [
         ("pHash index (vectorised)", "phash.ours_images_per_s", "img/s", "imagehash.phash on the cache",
-         "phash.imagehash_cache_images_per_s", "phash.speedup_vs_imagehash_cache"),
-        ("triplet mining, one epoch of 78,000 anchors (pHash, curriculum)", "mining.runs[2].epoch_s", "s",
-         "random ordering", "mining.runs[3].epoch_s", None),
+         "phash.imagehash_cache_images_per_s", "rate"),
+        ("triplet mining, one epoch of 78,000 anchors (pHash, hard)", "mining.runs[2].epoch_s", "s",
+         "random ordering", "mining.runs[3].epoch_s", "cost"),
     ],
     "model": [
         ("DLRV training step (3 images per anchor)", "training.median_s.dlrv", "s", "baseline step (BCE only)",
-         "training.median_s.baseline", "training.ratio_to_baseline.dlrv"),
+         "training.median_s.baseline", "cost"),
         ("inference, fastest setting with correct boxes", "inference.settings.fp32_channels_last_compiled.images_per_s",
-         "img/s", "plain fp32", "inference.settings.fp32.images_per_s",
-         "inference.settings.fp32_channels_last_compiled.speedup_vs_fp32"),
+         "img/s", "plain fp32", "inference.settings.fp32.images_per_s", "rate"),
     ],
     "prepare": [
         ("prepare: decode + resize 1024 PNG, 1 worker", "decode_resize.workers_1_images_per_s", "img/s",
-         "target per core", "_const.75", None),
+         "target per core", "_const.75", "rate"),
         ("training batches from the cache (+ augmentation)", "batches.cache_batch_augment_images_per_s", "img/s",
-         "decode PNG per sample", "batches.png_decode_per_sample_images_per_s", "batches.ratio_cache_batch_vs_png"),
+         "decode PNG per sample", "batches.png_decode_per_sample_images_per_s", "rate"),
+    ],
+    "synth": [
+        ("synth: generate at 256 px, 1 worker (wall)", "speed.generate_1_worker.images_per_s_wall", "img/s",
+         "target", "_const.200", "rate"),
+        ("synth: PNG encoding per image", "speed.png_encode.ours_ms_per_image_cpu", "ms", "Pillow",
+         "speed.png_encode.pillow_ms_per_image_cpu", "time"),
+    ],
+    "train": [
+        ("train: DLRV epoch (engine, same anchors)", "devices.cpu.engine_epoch.dlrv.train_call_s", "s",
+         "baseline epoch", "devices.cpu.engine_epoch.baseline.train_call_s", "cost"),
+        ("train: DLRV epoch estimate at ChestX-ray14 scale", "devices.cpu.epoch_estimate.dlrv.epoch_s", "s",
+         "baseline", "devices.cpu.epoch_estimate.baseline.epoch_s", "cost"),
     ],
 }
 
@@ -201,19 +217,29 @@ def lookup(doc: Any, path: str) -> Any:
 def headline_rows(name: str, result: Any) -> list[list[str]]:
     """Table rows of one script: its HEADLINES where present, else every ratio-named number."""
     rows = []
-    for label, value_path, unit, base_label, base_path, ratio_path in HEADLINES.get(name, []):
+    for label, value_path, unit, base_label, base_path, kind in HEADLINES.get(name, []):
         value, base = lookup(result, value_path), lookup(result, base_path)
-        if not isinstance(value, int | float) or not isinstance(base, int | float):
+        if not _is_num(value) or not _is_num(base) or value == 0 or base == 0:
             continue
-        ratio = lookup(result, ratio_path) if ratio_path else (value / base if base else None)
-        rows.append([label, _num(value, unit), f"{base_label}: {_num(base, unit)}",
-                     f"{ratio:.2f}x" if isinstance(ratio, int | float) else "n/a"])
+        rows.append([label, _num(value, unit), f"{base_label}: {_num(base, unit)}", ratio_text(value, base, kind)])
     if rows:
         return rows
     for key, value in _flatten(result):
-        if RATIO_KEY.search(key) and isinstance(value, int | float) and not isinstance(value, bool):
+        if RATIO_KEY.search(key) and _is_num(value):
             rows.append([f"{name}: {key}", "", "(see JSON)", f"{value:.2f}x"])
     return rows
+
+
+def ratio_text(value: float, base: float, kind: str) -> str:
+    """The ratio column: see :data:`HEADLINES` for the kinds."""
+    if kind in ("time", "rate"):
+        r = base / value if kind == "time" else value / base
+        return f"{r:.2f}x faster" if r >= 1 else f"{1 / r:.2f}x slower"
+    return f"{value / base:.2f}x the baseline"
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
 
 
 def markdown(doc: dict[str, Any]) -> str:
@@ -222,14 +248,14 @@ def markdown(doc: dict[str, Any]) -> str:
     lines = [
         "<!-- generated by benchmarks/run_all.py; do not edit by hand -->",
         f"Measured {doc['created']} on {m['cpu']} ({m['cores']} cores, {m.get('memory_gib', '?')} GiB), "
-        f"{m['os']}, Python {m['python']}, torch {m['torch']}"
+        f"{m.get('platform', '?')}, Python {m['python']}, torch {m['torch']}"
         + (f", GPU {m['gpu']}" if m.get("gpu") else ", no GPU")
         + f"; 1-minute load average {m['load_average_start'][0]:.1f} at the start, "
         f"{m.get('load_average_end', [float('nan')])[0]:.1f} at the end"
         + (" (a loaded machine: wall-clock numbers are pessimistic)" if m["load_average_start"][0] > 0.5 * m["cores"] else "")
         + (". Quick sizes (a sanity run, not the reported numbers)." if doc.get("quick") else "."),
         "",
-        "| Figure | Measured | Baseline (same run) | Ratio |",
+        "| Figure | Measured | Baseline (same run) | Ratio to the baseline |",
         "|---|---|---|---|",
     ]
     failed = []
@@ -246,13 +272,20 @@ def markdown(doc: dict[str, Any]) -> str:
 
 
 def machine() -> dict[str, Any]:
-    try:
-        from cxrloc.demo import machine_description
+    """The shared machine description (benchmarks/_machine.py) plus memory and GPU."""
+    from _machine import machine as shared_machine
 
-        info = machine_description()
+    info = dict(shared_machine())
+    try:
+        info["memory_gib"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (ValueError, OSError, AttributeError):
+        info["memory_gib"] = None
+    try:
+        import torch
+
+        info["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     except Exception:  # noqa: BLE001 - the table still needs a machine line
-        info = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "os": platform.platform(),
-                "python": platform.python_version(), "torch": "?"}
+        info["gpu"] = None
     info["load_average_start"] = _loadavg()
     return info
 
