@@ -37,6 +37,8 @@ class DataConfig:
     image_size: int = 224  # paper: whole image resized 1024 -> 224, no crop
     rotation_degrees: float = 5.0  # paper: random rotation within +-5 degrees
     hflip_prob: float = 0.5  # paper: horizontal flip
+    scale_range: float = 0.0  # ours (paper: none): random zoom by a factor in [1 - s, 1 + s]
+    translate_fraction: float = 0.0  # ours (paper: none): random shift by up to this fraction of the side
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  # ImageNet
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)  # ImageNet
     num_workers: int = 2  # DataLoader workers
@@ -156,6 +158,8 @@ class Config:
             (self.train.max_epochs >= 1, "train.max_epochs must be >= 1"),
             (self.data.image_size >= 32, "data.image_size must be >= 32"),
             (0 <= self.data.hflip_prob <= 1, "data.hflip_prob must be in [0, 1]"),
+            (0 <= self.data.scale_range < 1, "data.scale_range must be in [0, 1)"),
+            (0 <= self.data.translate_fraction <= 0.5, "data.translate_fraction must be in [0, 0.5]"),
             (self.eval.cv_folds >= 2, "eval.cv_folds must be >= 2"),
             (0 < self.eval.map_threshold < 1, "eval.map_threshold must be in (0, 1)"),
         ]

@@ -9,6 +9,7 @@ from cxrloc.data.io import read_image_resized
 from cxrloc.data.transforms import (
     SampleTransform,
     augment_params,
+    augment_zoom_shift,
     batch_transform,
     eval_transform,
     load_model_input,
@@ -157,3 +158,35 @@ def test_cuda_matches_cpu():
     torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-3, rtol=0)
     gen = torch.Generator().manual_seed(1)
     assert batch_transform(img.cuda(), CFG, train=True, generator=gen).shape == (4, 3, 224, 224)
+
+
+def test_zoom_and_shift_match_affine_grid_reference():
+    """Ours (off by default): in = R (F out) / z + s, one resampling with the rotation and the flip."""
+    rng = np.random.default_rng(6)
+    images = torch.from_numpy(rng.integers(0, 256, (3, 256, 256), dtype=np.uint8))
+    angles, flips = torch.tensor([3.0, 0.0, -4.0]), torch.tensor([True, False, False])
+    zooms, shifts = torch.tensor([1.2, 0.9, 1.0]), torch.tensor([[0.1, -0.05], [0.0, 0.2], [-0.3, 0.0]])
+    out = _to_unit(batch_transform(images, CFG, angles=angles, flips=flips, zooms=zooms, shifts=shifts))
+    rad, sign = angles * np.pi / 180, torch.where(flips, -1.0, 1.0)
+    theta = torch.zeros(3, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 1] = torch.cos(rad) * sign / zooms, -torch.sin(rad) / zooms
+    theta[:, 1, 0], theta[:, 1, 1] = torch.sin(rad) * sign / zooms, torch.cos(rad) / zooms
+    theta[:, :, 2] = shifts
+    grid = F.affine_grid(theta, [3, 1, 224, 224], align_corners=False)
+    ref = F.grid_sample(images[:, None].float() / 255, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    torch.testing.assert_close(out, ref.expand(-1, 3, -1, -1), atol=1e-4, rtol=0)
+
+
+def test_zoom_shift_is_off_by_default_and_seeded_in_range_when_on():
+    assert (CFG.scale_range, CFG.translate_fraction) == (0.0, 0.0)  # paper: rotation and flip only
+    assert augment_zoom_shift(8, CFG) == (None, None)  # draws nothing: the paper's random stream is unchanged
+    cfg = DataConfig(scale_range=0.1, translate_fraction=0.05)
+    z1, s1 = augment_zoom_shift(4000, cfg, torch.Generator().manual_seed(0))
+    z2, s2 = augment_zoom_shift(4000, cfg, torch.Generator().manual_seed(0))
+    assert torch.equal(z1, z2) and torch.equal(s1, s2)
+    assert 0.9 <= z1.min() < 0.91 and 1.09 < z1.max() <= 1.1 and s1.shape == (4000, 2)
+    assert 0.099 < s1.abs().max() <= 0.1  # 5% of the side = 0.1 in normalised units (the image spans 2)
+    img = torch.from_numpy(np.random.default_rng(2).integers(0, 256, (4, 256, 256), dtype=np.uint8))
+    plain = batch_transform(img, DataConfig(), train=True, generator=torch.Generator().manual_seed(3))
+    moved = batch_transform(img, cfg, train=True, generator=torch.Generator().manual_seed(3))
+    assert not torch.allclose(plain, moved)

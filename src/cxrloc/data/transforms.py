@@ -1,5 +1,7 @@
 """Model input transforms (METHOD.md data protocol): resize S -> 224, 3 channels, ImageNet normalisation;
-in training a random rotation within +-``rotation_degrees`` and a horizontal flip with ``hflip_prob``.
+in training a random rotation within +-``rotation_degrees`` and a horizontal flip with ``hflip_prob``
+(paper), and optionally (ours, off by default) a random zoom by a factor in ``1 +- scale_range`` and a
+shift by up to ``translate_fraction`` of the image side.
 
 One implementation serves both paths:
 
@@ -55,6 +57,27 @@ def augment_params(
     return angles.float(), flips
 
 
+def augment_zoom_shift(
+    batch: int,
+    cfg: DataConfig,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor] | tuple[None, None]:
+    """The optional zoom / shift parameters (ours; ``(None, None)`` when both are off, so the paper's
+    augmentation draws exactly the same random numbers as without this option).
+
+    Returns:
+        zooms (B,) float32 in [1 - scale_range, 1 + scale_range] (> 1 magnifies the content);
+        shifts (B, 2) float32 (x, y) in normalised coordinates, each in +-2 * translate_fraction
+        (a fraction of the image side: the normalised image spans 2).
+    """
+    s, t = float(cfg.scale_range), float(cfg.translate_fraction)
+    if s == 0.0 and t == 0.0:
+        return None, None
+    zooms = 1.0 + (2.0 * torch.rand(batch, generator=generator) - 1.0) * s
+    shifts = (2.0 * torch.rand(batch, 2, generator=generator) - 1.0) * (2.0 * t)
+    return zooms.float(), shifts.float()
+
+
 def batch_transform(
     images: torch.Tensor,
     cfg: DataConfig,
@@ -62,16 +85,21 @@ def batch_transform(
     generator: torch.Generator | None = None,
     angles: torch.Tensor | None = None,
     flips: torch.Tensor | None = None,
+    zooms: torch.Tensor | None = None,
+    shifts: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """uint8 batch -> normalised float model input.
 
     Args:
         images: (B, S, S) or (B, 1, S, S) uint8 (or float in [0, 1]) on any device.
-        cfg: image_size, rotation_degrees, hflip_prob, mean, std.
-        train: draw random rotation + flip per sample (ignored when ``angles``/``flips`` are given).
+        cfg: image_size, rotation_degrees, hflip_prob, scale_range, translate_fraction, mean, std.
+        train: draw random rotation + flip (+ zoom / shift when configured) per sample (ignored when
+            ``angles``/``flips`` are given).
         generator: CPU generator for the random parameters (default: torch's global one).
         angles: (B,) degrees, counter-clockwise, explicit instead of random.
         flips: (B,) bool, explicit horizontal flips instead of random.
+        zooms: (B,) explicit zoom factors (> 1 magnifies), shifts: (B, 2) explicit (x, y) shifts in
+            normalised coordinates (see :func:`augment_zoom_shift`).
 
     Returns:
         (B, 3, H, H) float32, H = ``cfg.image_size``, channel c = (x - mean[c]) / std[c].
@@ -85,26 +113,38 @@ def batch_transform(
     size = int(cfg.image_size)
     if max(x.shape[-2:]) > DIRECT_RESAMPLE_MAX_SCALE * size:
         x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    if train and angles is None and flips is None:
+    if train and angles is None and flips is None and zooms is None and shifts is None:
         angles, flips = augment_params(x.shape[0], cfg, generator)
-    x = _resample(x, size, angles, flips)
+        zooms, shifts = augment_zoom_shift(x.shape[0], cfg, generator)
+    x = _resample(x, size, angles, flips, zooms, shifts)
     scale = 1.0 / (unit * torch.tensor(cfg.std, dtype=torch.float64))
     shift = -torch.tensor(cfg.mean, dtype=torch.float64) / torch.tensor(cfg.std, dtype=torch.float64)
     # (x - mean_c) / std_c for c = 0..2 in one broadcasting pass: (B, 1, H, W) -> (B, 3, H, W)
     return torch.addcmul(shift.to(x).view(1, 3, 1, 1), x, scale.to(x).view(1, 3, 1, 1))
 
 
-def _resample(x: torch.Tensor, size: int, angles: torch.Tensor | None, flips: torch.Tensor | None) -> torch.Tensor:
+def _resample(
+    x: torch.Tensor,
+    size: int,
+    angles: torch.Tensor | None,
+    flips: torch.Tensor | None,
+    zooms: torch.Tensor | None = None,
+    shifts: torch.Tensor | None = None,
+) -> torch.Tensor:
     """(B, 1, h, w) -> (B, 1, size, size): bilinear resize, rotation by ``angles`` degrees (counter-clockwise,
-    about the centre) and horizontal flip where ``flips``, as one resampling.
+    about the centre), horizontal flip where ``flips``, zoom by ``zooms`` and shift by ``shifts``, as one
+    resampling.
 
-    The sampling grid maps output to input coordinates: in = R (F out), R = [[cos, -sin], [sin, cos]],
+    The sampling grid maps output to input coordinates: in = R (F out) / z + s, R = [[cos, -sin], [sin, cos]],
     F = diag(-1, 1) for a flipped sample (normalised coordinates, y pointing down, align_corners=False).
     """
     b = x.shape[0]
     a = torch.zeros(b) if angles is None else angles.detach().float().cpu().reshape(b)
     f = torch.zeros(b, dtype=torch.bool) if flips is None else flips.detach().bool().cpu().reshape(b)
-    if not torch.any(a != 0):  # no rotation: plain bilinear resize (same as the identity grid) and exact flips
+    z = torch.ones(b) if zooms is None else zooms.detach().float().cpu().reshape(b)
+    t = torch.zeros(b, 2) if shifts is None else shifts.detach().float().cpu().reshape(b, 2)
+    if not (torch.any(a != 0) or torch.any(z != 1) or torch.any(t != 0)):
+        # no rotation, zoom or shift: plain bilinear resize (same as the identity grid) and exact flips
         if x.shape[-2:] != (size, size):
             x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=False, align_corners=False)
         return torch.where(f.to(x.device).view(b, 1, 1, 1), x.flip(-1), x) if torch.any(f) else x
@@ -112,6 +152,9 @@ def _resample(x: torch.Tensor, size: int, angles: torch.Tensor | None, flips: to
     dev, dt = x.device, x.dtype
     cos, sin = torch.cos(rad).to(dev, dt).view(b, 1, 1), torch.sin(rad).to(dev, dt).view(b, 1, 1)
     sign = torch.where(f, -1.0, 1.0).to(dev, dt).view(b, 1, 1)
+    inv_zoom = (1.0 / z).to(dev, dt).view(b, 1, 1)
+    cos, sin = cos * inv_zoom, sin * inv_zoom
+    tx, ty = t[:, 0].to(dev, dt).view(b, 1, 1), t[:, 1].to(dev, dt).view(b, 1, 1)
     # normalised output pixel centres (align_corners=False), as F.affine_grid builds them
     xs = ((torch.arange(size, device=dev, dtype=dt) * 2 + 1) / size - 1).view(1, 1, size)
     ys = xs.view(1, size, 1)
@@ -119,8 +162,8 @@ def _resample(x: torch.Tensor, size: int, angles: torch.Tensor | None, flips: to
     # torchvision's rotate does). Each coordinate is a row term plus a column term, written straight
     # into the grid: several times faster on the CPU than F.affine_grid.
     grid = torch.empty(b, size, size, 2, device=dev, dtype=dt)
-    torch.add(cos * sign * xs, -sin * ys, out=grid[..., 0])
-    torch.add(sin * sign * xs, cos * ys, out=grid[..., 1])
+    torch.add(cos * sign * xs, tx - sin * ys, out=grid[..., 0])
+    torch.add(sin * sign * xs, ty + cos * ys, out=grid[..., 1])
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
