@@ -22,6 +22,7 @@ Measured in one run, on the CPU and (when one is visible) on a CUDA GPU:
 Usage:
     .venv/bin/python benchmarks/train.py            # DenseNet-121 at 224 (several minutes on 2 cores)
     .venv/bin/python benchmarks/train.py --quick    # densenet-tiny at 64 px: a sanity run of the script
+    .venv/bin/python benchmarks/train.py --devices cuda --out benchmarks/results/train_gpu.json  # GPU only
 Writes benchmarks/results/train.json (``--quick``: train_quick.json).
 """
 
@@ -283,6 +284,8 @@ def main() -> None:
     p.add_argument("--size", type=int, default=None, help="input side (default 224; --quick: 64)")
     p.add_argument("--repeats", type=int, default=None, help="timed steps per variant (default 3; --quick: 2)")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/train[_quick].json)")
+    p.add_argument("--devices", default=None,
+                   help="comma-separated subset of cpu,cuda (default: cpu, and cuda when one is visible)")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     warnings.filterwarnings("ignore")
@@ -293,6 +296,10 @@ def main() -> None:
     args.size = args.size or (64 if args.quick else 224)
     repeats, warmup = args.repeats or (2 if args.quick else 3), 1
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    if args.devices:
+        devices = [d for d in args.devices.split(",") if d in devices]
+        if not devices:
+            p.error(f"--devices {args.devices!r}: none of them is available here")
     results: dict = {"machine": machine(), "backbone": args.backbone, "image_size": args.size, "batch": BATCH,
                      "quick": args.quick, "devices": {}}
     mining = mining_time(NIH_TRAIN, args.quick)
