@@ -3,9 +3,13 @@
 Measures, in one run on this machine:
 
 1. ``phash_index`` over a prepared cache (``write_cache`` of N synthetic 256x256 images)
-   in images/s, against ``imagehash.phash`` on the same cached images, and against
-   ``imagehash.phash`` on decoded original PNGs (the real sample, 1024x1024), plus the
-   agreement of the two hashes on the benchmark images.
+   for each resize engine (``int8``, the default, and ``float64``; both exact), in
+   images per wall-clock second and per process CPU second (the machine is shared:
+   the load average before and after is recorded), with the ratio between them
+   measured in the same run; against ``imagehash.phash`` on the same cached images
+   and on decoded original PNGs (the real sample, 1024x1024); plus the agreement
+   with imagehash on 1,000 benchmark images and on the real sample (originals and
+   resized to the cache size as ``cxrloc prepare`` does).
 2. ``TripletMiner``: construction and one epoch of mining for 78,000 anchors whose
    label sets are drawn from the real ``Data_Entry_2017_v2020.csv.gz`` (random hashes),
    for the curriculum's first epoch, a middle one, a hard one, the ``random``
@@ -26,6 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import imagehash
 import numpy as np
 import pandas as pd
 from _machine import machine
@@ -33,6 +38,7 @@ from PIL import Image
 
 from cxrloc.config import MiningConfig
 from cxrloc.data.cache import write_cache
+from cxrloc.data.io import resize_gray
 from cxrloc.fileio import atomic_write_json
 from cxrloc.labels import encode
 from cxrloc.mining import TripletMiner, hamming, phash_batch, phash_index
@@ -61,23 +67,41 @@ def _rate(n: int, seconds: float) -> float:
     return n / seconds if seconds > 0 else float("inf")
 
 
+def _agreement(ours: np.ndarray, ref: np.ndarray) -> dict:
+    dist = hamming(ours, ref).astype(int)
+    return {"images": len(dist), "equal_fraction": float(np.mean(dist == 0)),
+            "mean_bits": float(dist.mean()), "max_bits": int(dist.max())}
+
+
+def _reference(images) -> np.ndarray:
+    return np.array([int(str(imagehash.phash(Image.fromarray(x))), 16) for x in images], dtype=np.uint64)
+
+
 def bench_phash(n_images: int, size: int, sample_dir: Path, repeats: int) -> dict:
+    """Index build per engine (wall and process CPU time, engines interleaved so both see the same load)."""
     images = smooth_images(n_images, size)
     index = pd.DataFrame({
         "image_id": [f"{i:08d}_000.png" for i in range(n_images)], "patient_id": np.arange(n_images),
         "split": "train", "orig_width": 1024, "orig_height": 1024, "labels": "No Finding",
     })
-    res: dict = {"images": n_images, "size": size}
+    default = ph._engine("auto")
+    engines = [default] + [e for e in ("int8", "float64") if e != default and (e != "int8" or ph._int8_works())]
+    res: dict = {"images": n_images, "size": size, "default_engine": default,
+                 "load_average_before": os.getloadavg()}
+    runs: dict = {e: {"wall_s": [], "cpu_s": []} for e in engines}
+    hashes: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         cache = write_cache(Path(tmp) / "cache", images, index)
-        phash_batch(images[:64])  # warm-up (torch/MKL initialisation)
-        times = []
+        for e in engines:
+            phash_batch(images[:64], e)  # warm-up (torch/oneDNN initialisation)
         for _ in range(repeats):
-            for name in (ph.INDEX_FILE, ph.INDEX_META):
-                (cache.root / name).unlink(missing_ok=True)
-            t0 = time.perf_counter()
-            ours = phash_index(cache, progress=False)
-            times.append(time.perf_counter() - t0)
+            for e in engines:
+                for name in (ph.INDEX_FILE, ph.INDEX_META):
+                    (cache.root / name).unlink(missing_ok=True)
+                t0, c0 = time.perf_counter(), time.process_time()
+                hashes[e] = phash_index(cache, progress=False, engine=e)
+                runs[e]["wall_s"].append(time.perf_counter() - t0)
+                runs[e]["cpu_s"].append(time.process_time() - c0)
         t0 = time.perf_counter()
         phash_index(cache, progress=False)
         res["index_reuse_s"] = time.perf_counter() - t0
@@ -85,32 +109,49 @@ def bench_phash(n_images: int, size: int, sample_dir: Path, repeats: int) -> dic
         torch_times = []
         for _ in range(repeats):
             t0 = time.perf_counter()
-            for start in range(0, n_images, 32):
-                phash_batch(np.array(cache.images[start : start + 32]))
+            for start in range(0, n_images, 64):
+                phash_batch(cache.images[start : start + 64])
             torch_times.append(time.perf_counter() - t0)
+    res["load_average_after"] = os.getloadavg()
+    res["engines"] = {}
+    for e, r in runs.items():
+        wall, cpu = statistics.median(r["wall_s"]), statistics.median(r["cpu_s"])
+        res["engines"][e] = {"images_per_s": _rate(n_images, wall), "images_per_cpu_s": _rate(n_images, cpu),
+                             "cpu_utilisation": cpu / wall, "wall_s_all": r["wall_s"], "cpu_s_all": r["cpu_s"]}
+    d = res["engines"][default]
     res["intra_op_threads_images_per_s"] = _rate(n_images, statistics.median(torch_times))
-    res["index_build_s"] = statistics.median(times)
-    res["index_build_s_all"] = times
-    res["ours_images_per_s"] = _rate(n_images, res["index_build_s"])
+    res["index_build_s"] = statistics.median(runs[default]["wall_s"])
+    res["index_build_s_all"] = runs[default]["wall_s"]
+    res["ours_images_per_s"] = d["images_per_s"]
+    res["ours_images_per_cpu_s"] = d["images_per_cpu_s"]
+    if "float64" in res["engines"] and default != "float64":
+        f = res["engines"]["float64"]
+        res["default_over_float64"] = {"wall": d["images_per_s"] / f["images_per_s"],
+                                       "cpu": d["images_per_cpu_s"] / f["images_per_cpu_s"]}
 
     n_ref = min(n_images, 1000)
-    import imagehash
-
     t0 = time.perf_counter()
-    ref = [int(str(imagehash.phash(Image.fromarray(x))), 16) for x in images[:n_ref]]
+    ref = _reference(images[:n_ref])
     res["imagehash_cache_images_per_s"] = _rate(n_ref, time.perf_counter() - t0)
-    dist = hamming(ours[:n_ref], np.array(ref, dtype=np.uint64)).astype(int)
-    res["agreement"] = {"images": n_ref, "equal_fraction": float(np.mean(dist == 0)),
-                        "mean_bits": float(dist.mean()), "max_bits": int(dist.max())}
+    res["agreement"] = _agreement(hashes[default][:n_ref], ref)  # synthetic, default engine
+    res["agreement_by_engine"] = {"synthetic_256": {e: _agreement(h[:n_ref], ref) for e, h in hashes.items()}}
 
     pngs = sorted((sample_dir / "images").glob("*.png"))
     if pngs:
         t0 = time.perf_counter()
+        originals = []
         for p in pngs:
             with Image.open(p) as im:
-                imagehash.phash(im.convert("L"))
+                gray = im.convert("L")
+                imagehash.phash(gray)
+                originals.append(np.asarray(gray))
         res["imagehash_png_images_per_s"] = _rate(len(pngs), time.perf_counter() - t0)
         res["png_images"] = len(pngs)
+        originals = np.stack(originals)
+        cached = np.stack([resize_gray(x, size) for x in originals])  # as `cxrloc prepare` stores them
+        for name, arr in ((f"real_original_{originals.shape[1]}", originals), (f"real_cached_{size}", cached)):
+            ref = _reference(arr)
+            res["agreement_by_engine"][name] = {e: _agreement(phash_batch(arr, e), ref) for e in engines}
     res["speedup_vs_imagehash_cache"] = res["ours_images_per_s"] / res["imagehash_cache_images_per_s"]
     if "imagehash_png_images_per_s" in res:
         res["speedup_vs_imagehash_png"] = res["ours_images_per_s"] / res["imagehash_png_images_per_s"]
@@ -173,19 +214,28 @@ def main() -> int:
 
     print(f"machine: {result['machine']['cpu']}, {result['machine']['cores']} cores, "
           f"torch threads {result['machine']['torch_threads']}, load {result['machine']['load_average_at_start']}")
-    print(f"\npHash ({p['images']} cached {p['size']}x{p['size']} images)")
-    print(f"  {'method':<42}{'images/s':>12}{'ratio':>10}")
-    print(f"  {'cxrloc phash_index (from the cache)':<42}{p['ours_images_per_s']:>12,.0f}{1.0:>10.1f}")
-    print(f"  {'  (batches on torch intra-op threads)':<42}{p['intra_op_threads_images_per_s']:>12,.0f}"
-          f"{p['intra_op_threads_images_per_s'] / p['ours_images_per_s']:>10.2f}")
-    print(f"  {'imagehash.phash (same cached images)':<42}{p['imagehash_cache_images_per_s']:>12,.0f}"
-          f"{p['imagehash_cache_images_per_s'] / p['ours_images_per_s']:>10.4f}")
+    print(f"\npHash ({p['images']} cached {p['size']}x{p['size']} images; load average "
+          f"{p['load_average_before'][0]:.2f} before, {p['load_average_after'][0]:.2f} after)")
+    print(f"  {'method':<42}{'images/s':>12}{'per CPU s':>11}{'ratio':>9}")
+    base = p["ours_images_per_s"]
+    for e, r in p["engines"].items():
+        label = f"phash_index, {e} engine" + (" (default)" if e == p["default_engine"] else "") + ", exact"
+        print(f"  {label:<42}{r['images_per_s']:>12,.0f}{r['images_per_cpu_s']:>11,.0f}{r['images_per_s'] / base:>9.2f}")
+    print(f"  {'  (batches on torch intra-op threads)':<42}{p['intra_op_threads_images_per_s']:>12,.0f}{'':>11}"
+          f"{p['intra_op_threads_images_per_s'] / base:>9.2f}")
+    print(f"  {'imagehash.phash (same cached images)':<42}{p['imagehash_cache_images_per_s']:>12,.0f}{'':>11}"
+          f"{p['imagehash_cache_images_per_s'] / base:>9.4f}")
     if "imagehash_png_images_per_s" in p:
-        print(f"  {'imagehash.phash (decode 1024 PNG)':<42}{p['imagehash_png_images_per_s']:>12,.1f}"
-              f"{p['imagehash_png_images_per_s'] / p['ours_images_per_s']:>10.5f}")
-    a = p["agreement"]
-    print(f"  agreement with imagehash on {a['images']} images: {a['equal_fraction']:.1%} equal, "
-          f"mean {a['mean_bits']:.3f} bits, max {a['max_bits']}; stored index reload {p['index_reuse_s'] * 1000:.1f} ms")
+        print(f"  {'imagehash.phash (decode 1024 PNG)':<42}{p['imagehash_png_images_per_s']:>12,.1f}{'':>11}"
+              f"{p['imagehash_png_images_per_s'] / base:>9.5f}")
+    if "default_over_float64" in p:
+        q = p["default_over_float64"]
+        print(f"  default / float64 engine: {q['wall']:.2f}x wall, {q['cpu']:.2f}x CPU time (same run)")
+    for name, by_engine in p["agreement_by_engine"].items():
+        for e, a in by_engine.items():
+            print(f"  agreement with imagehash, {name}, {e}: {a['images']} images, {a['equal_fraction']:.1%} equal, "
+                  f"mean {a['mean_bits']:.3f} bits, max {a['max_bits']}")
+    print(f"  stored index reload {p['index_reuse_s'] * 1000:.1f} ms")
     r = m["report"]
     print(f"\nTriplet mining ({m['anchors']:,} anchors, {r['num_label_sets']} label sets from {m['label_source']}; "
           f"{r['mean_positive_candidates']:.0f} pos / {r['mean_negative_candidates']:.0f} neg candidates per anchor)")

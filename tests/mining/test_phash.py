@@ -22,8 +22,8 @@ def _reference(img: np.ndarray) -> int:
     return int(str(imagehash.phash(Image.fromarray(img))), 16)
 
 
-def _agreement(images: np.ndarray) -> np.ndarray:
-    ours = phash_batch(images)
+def _agreement(images: np.ndarray, engine: str = "auto") -> np.ndarray:
+    ours = phash_batch(images, engine)
     ref = np.array([_reference(x) for x in images], dtype=np.uint64)
     return hamming(ours, ref).astype(int)
 
@@ -34,6 +34,11 @@ def _assert_agrees(dist: np.ndarray, what: str) -> None:
     assert np.mean(dist == 0) >= 0.8, msg
     assert dist.mean() <= 1.0, msg
     assert dist.max() <= 4, msg
+
+
+def _assert_exact(dist: np.ndarray, what: str) -> None:
+    """Ours (both engines): the resize is Pillow's integer arithmetic, so every hash is imagehash's."""
+    assert not dist.any(), f"{what}: {np.count_nonzero(dist)} of {len(dist)} hashes differ (max {dist.max()} bits)"
 
 
 def smooth_images(n: int, size: int, seed: int = 0) -> np.ndarray:
@@ -56,19 +61,43 @@ def smooth_images(n: int, size: int, seed: int = 0) -> np.ndarray:
 # --------------------------------------------------------------------------- the resize
 
 
-@pytest.mark.parametrize("size", [1024, 256, 224, 100, 37, 32, 20])
-def test_resize_matches_pillow_lanczos(size):
+ENGINES = ["int8", "float64"]  # both exact; "auto" picks int8 where its self-check passes
+
+
+def _pillow32(images: np.ndarray) -> np.ndarray:
+    return np.stack([np.asarray(Image.fromarray(x).resize((32, 32), Image.Resampling.LANCZOS)) for x in images])
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("size", [1024, 256, 224, 100, 37, 32, 20, 3])
+def test_resize_matches_pillow_lanczos(size, engine):
     rng = np.random.default_rng(size)
     images = np.concatenate([rng.integers(0, 256, (3, size, size), dtype=np.uint8), smooth_images(3, size, seed=size)])
-    ours = resize32(images)
-    ref = np.stack([np.asarray(Image.fromarray(x).resize((32, 32), Image.Resampling.LANCZOS)) for x in images])
-    np.testing.assert_array_equal(ours, ref)
+    np.testing.assert_array_equal(resize32(images, engine), _pillow32(images))
 
 
-def test_resize_non_square():
+@pytest.mark.parametrize("engine", ENGINES)
+def test_resize_non_square_and_extremes(engine):
     img = smooth_images(1, 300)[0][:, 40:260]  # (300, 220)
-    ref = np.asarray(Image.fromarray(img).resize((32, 32), Image.Resampling.LANCZOS))
-    np.testing.assert_array_equal(resize32(img[None])[0], ref)
+    np.testing.assert_array_equal(resize32(img[None], engine), _pillow32(img[None]))
+    wide = smooth_images(1, 220)[0][:32]  # height already 32: Pillow skips the vertical pass
+    np.testing.assert_array_equal(resize32(wide[None], engine), _pillow32(wide[None]))
+    yy, xx = np.mgrid[0:256, 0:256]
+    extremes = np.stack([  # largest Lanczos over/undershoot (clipping) and the int32 bounds of the sums
+        np.zeros((256, 256)), np.full((256, 256), 255), ((yy // 8 + xx // 8) % 2) * 255,
+        ((xx // 24) % 2) * 255, ((yy + xx) % 2) * 255,
+    ]).astype(np.uint8)
+    np.testing.assert_array_equal(resize32(extremes, engine), _pillow32(extremes))
+
+
+def test_engines_are_checked(monkeypatch):
+    img = smooth_images(4, 64, seed=4)
+    with pytest.raises(ValueError, match="engine"):
+        phash_batch(img, engine="float16")
+    monkeypatch.setattr(ph, "_int8_works", lambda: False)  # e.g. torch without a CPU int8 matmul
+    np.testing.assert_array_equal(phash_batch(img), phash_batch(img, engine="float64"))  # auto falls back
+    with pytest.raises(RuntimeError, match="int8"):
+        phash_batch(img, engine="int8")
 
 
 def test_bad_input_is_a_clear_error():
@@ -87,22 +116,27 @@ def test_phash_equals_imagehash_bit_for_bit_on_one_image():
     assert phash_batch(img).dtype == np.uint64
 
 
-def test_agreement_with_imagehash_on_real_sample(sample_dir):
+@pytest.mark.parametrize("engine", ["auto", "float64"])
+def test_agreement_with_imagehash_on_real_sample(sample_dir, engine):
     paths = sorted((sample_dir / "images").glob("*.png"))
     assert len(paths) >= 5
     originals = np.stack([np.asarray(Image.open(p).convert("L")) for p in paths])  # (10, 1024, 1024)
-    _assert_agrees(_agreement(originals), "real originals 1024")
+    dist = _agreement(originals, engine)
+    _assert_agrees(dist, "real originals 1024")
+    _assert_exact(dist, "real originals 1024")
     for size in (256, 224):  # what the cache holds: the image resized once more
         cached = np.stack([np.asarray(Image.fromarray(x).resize((size, size), Image.Resampling.BILINEAR)) for x in originals])
-        _assert_agrees(_agreement(cached), f"real, cached at {size}")
+        dist = _agreement(cached, engine)
+        _assert_agrees(dist, f"real, cached at {size}")
+        _assert_exact(dist, f"real, cached at {size}")
 
 
-def test_agreement_with_imagehash_on_synthetic_images():
-    images = smooth_images(300, 256, seed=1)
-    dist = _agreement(images)
-    _assert_agrees(dist, "300 smooth synthetic images at 256")
-    assert np.mean(dist == 0) >= 0.98  # ours: the resize is exact; only float ties of the DCT median could differ
-    _assert_agrees(_agreement(smooth_images(60, 224, seed=2)), "60 smooth synthetic images at 224")
+@pytest.mark.parametrize("engine", ["auto", "float64"])
+def test_agreement_with_imagehash_on_synthetic_images(engine):
+    for n, size, seed in ((300, 256, 1), (60, 224, 2)):
+        dist = _agreement(smooth_images(n, size, seed=seed), engine)
+        _assert_agrees(dist, f"{n} smooth synthetic images at {size}")
+        _assert_exact(dist, f"{n} smooth synthetic images at {size}")
 
 
 def test_hash_is_perceptual():
@@ -188,6 +222,30 @@ def test_index_is_stored_reused_and_rebuilt_when_the_cache_changes(tmp_path, mon
     rebuilt = phash_index(cache, progress=False)
     np.testing.assert_array_equal(rebuilt, phash_batch(new_images))
     assert not np.array_equal(rebuilt, hashes)
+
+
+def test_index_is_shared_by_engines_and_rebuilt_for_another_algorithm(tmp_path, monkeypatch, caplog):
+    """The key holds the hash definition (ALGORITHM), not the engine: both engines give the same hashes."""
+    images = smooth_images(40, 64, seed=11)
+    cache = _cache(tmp_path / "cache", images)
+    built = phash_index(cache, progress=False, engine="float64")
+    with monkeypatch.context() as m:  # the other engine reuses it
+        _no_hashing(m)
+        np.testing.assert_array_equal(phash_index(cache, progress=False, engine="int8"), built)
+
+    meta_path = cache.root / "phash.json"
+    meta = json.loads(meta_path.read_text())
+    assert meta["algorithm"] == ph.ALGORITHM
+    meta["algorithm"] = "phash-8x8-dct32-some-other-resize"  # an index of another hashing method
+    meta_path.write_text(json.dumps(meta))
+    np.save(cache.root / "phash.npy", np.zeros(40, np.uint64))  # its (different) hashes
+    meta["sha256"] = ph.sha256_file(cache.root / "phash.npy")
+    meta_path.write_text(json.dumps(meta))
+    with caplog.at_level(logging.INFO, logger=ph.__name__):
+        rebuilt = phash_index(cache, progress=False)
+    assert "stale" in caplog.text
+    np.testing.assert_array_equal(rebuilt, built)
+    assert json.loads(meta_path.read_text())["algorithm"] == ph.ALGORITHM
 
 
 def test_corrupt_index_is_rebuilt(tmp_path, caplog):
