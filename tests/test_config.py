@@ -21,6 +21,7 @@ def test_paper_defaults_pinned():
     assert c.train.max_epochs == 30 and c.train.batch_size == 16
     assert c.data.image_size == 224 and c.data.rotation_degrees == 5.0 and c.data.hflip_prob == 0.5
     assert c.data.scale_range == 0.0 and c.data.translate_fraction == 0.0  # ours, off: the paper has neither
+    assert c.data.vflip_prob == 0.0  # ours, off: the paper flips horizontally only
     assert c.data.mean == (0.485, 0.456, 0.406) and c.data.std == (0.229, 0.224, 0.225)
     assert c.eval.iou_thresholds == (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7) and c.eval.cv_folds == 10
 

@@ -39,6 +39,7 @@ class DataConfig:
     hflip_prob: float = 0.5  # paper: horizontal flip
     scale_range: float = 0.0  # ours (paper: none): random zoom by a factor in [1 - s, 1 + s]
     translate_fraction: float = 0.0  # ours (paper: none): random shift by up to this fraction of the side
+    vflip_prob: float = 0.0  # ours (paper: none): vertical flip (cancels learned up/down CAM offsets)
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  # ImageNet
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)  # ImageNet
     num_workers: int = 2  # DataLoader workers
@@ -160,6 +161,7 @@ class Config:
             (0 <= self.data.hflip_prob <= 1, "data.hflip_prob must be in [0, 1]"),
             (0 <= self.data.scale_range < 1, "data.scale_range must be in [0, 1)"),
             (0 <= self.data.translate_fraction <= 0.5, "data.translate_fraction must be in [0, 0.5]"),
+            (0 <= self.data.vflip_prob <= 1, "data.vflip_prob must be in [0, 1]"),
             (self.eval.cv_folds >= 2, "eval.cv_folds must be >= 2"),
             (0 < self.eval.map_threshold < 1, "eval.map_threshold must be in (0, 1)"),
         ]

@@ -9,6 +9,7 @@ from cxrloc.data.io import read_image_resized
 from cxrloc.data.transforms import (
     SampleTransform,
     augment_params,
+    augment_vflip,
     augment_zoom_shift,
     batch_transform,
     eval_transform,
@@ -190,3 +191,17 @@ def test_zoom_shift_is_off_by_default_and_seeded_in_range_when_on():
     plain = batch_transform(img, DataConfig(), train=True, generator=torch.Generator().manual_seed(3))
     moved = batch_transform(img, cfg, train=True, generator=torch.Generator().manual_seed(3))
     assert not torch.allclose(plain, moved)
+
+
+def test_vertical_flip_is_exact_composes_and_is_off_by_default():
+    rng = np.random.default_rng(7)
+    img = torch.from_numpy(rng.integers(0, 256, (2, 224, 224), dtype=np.uint8))
+    plain = batch_transform(img, CFG)
+    flipped = batch_transform(img, CFG, vflips=torch.tensor([True, False]))
+    torch.testing.assert_close(flipped[0], plain[0].flip(-2), atol=1e-4, rtol=0)
+    torch.testing.assert_close(flipped[1], plain[1], atol=1e-4, rtol=0)
+    both = batch_transform(img, CFG, flips=torch.tensor([True, True]), vflips=torch.tensor([True, False]))
+    torch.testing.assert_close(both[0], plain[0].flip(-1).flip(-2), atol=1e-4, rtol=0)  # = 180 degrees
+    assert augment_vflip(8, CFG) is None  # the paper's configs draw nothing extra
+    v = augment_vflip(4000, DataConfig(vflip_prob=0.5), torch.Generator().manual_seed(0))
+    assert 0.45 < v.float().mean() < 0.55

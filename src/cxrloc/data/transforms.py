@@ -1,7 +1,7 @@
 """Model input transforms (METHOD.md data protocol): resize S -> 224, 3 channels, ImageNet normalisation;
 in training a random rotation within +-``rotation_degrees`` and a horizontal flip with ``hflip_prob``
-(paper), and optionally (ours, off by default) a random zoom by a factor in ``1 +- scale_range`` and a
-shift by up to ``translate_fraction`` of the image side.
+(paper), and optionally (ours, off by default) a random zoom by a factor in ``1 +- scale_range``, a
+shift by up to ``translate_fraction`` of the image side and a vertical flip with ``vflip_prob``.
 
 One implementation serves both paths:
 
@@ -78,6 +78,20 @@ def augment_zoom_shift(
     return zooms.float(), shifts.float()
 
 
+def augment_vflip(batch: int, cfg: DataConfig, generator: torch.Generator | None = None) -> torch.Tensor | None:
+    """Vertical flips (ours, off by default: ``None`` and no random draw when ``vflip_prob`` is 0).
+
+    Why it exists: a CAM network trained from scratch with horizontal flips only learns class maps
+    whose peak sits a constant distance above or below the finding (the demo's Nodule maps peaked
+    15 px below 11 px nodules; docs/demo_tuning.md); flipping vertically too makes that offset
+    average out, as the horizontal flip already does for left/right.
+    """
+    p = float(cfg.vflip_prob)
+    if p == 0.0:
+        return None
+    return torch.rand(batch, generator=generator) < p
+
+
 def batch_transform(
     images: torch.Tensor,
     cfg: DataConfig,
@@ -87,6 +101,7 @@ def batch_transform(
     flips: torch.Tensor | None = None,
     zooms: torch.Tensor | None = None,
     shifts: torch.Tensor | None = None,
+    vflips: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """uint8 batch -> normalised float model input.
 
@@ -99,7 +114,7 @@ def batch_transform(
         angles: (B,) degrees, counter-clockwise, explicit instead of random.
         flips: (B,) bool, explicit horizontal flips instead of random.
         zooms: (B,) explicit zoom factors (> 1 magnifies), shifts: (B, 2) explicit (x, y) shifts in
-            normalised coordinates (see :func:`augment_zoom_shift`).
+            normalised coordinates (see :func:`augment_zoom_shift`); vflips: (B,) bool vertical flips.
 
     Returns:
         (B, 3, H, H) float32, H = ``cfg.image_size``, channel c = (x - mean[c]) / std[c].
@@ -113,10 +128,11 @@ def batch_transform(
     size = int(cfg.image_size)
     if max(x.shape[-2:]) > DIRECT_RESAMPLE_MAX_SCALE * size:
         x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    if train and angles is None and flips is None and zooms is None and shifts is None:
+    if train and all(v is None for v in (angles, flips, zooms, shifts, vflips)):
         angles, flips = augment_params(x.shape[0], cfg, generator)
         zooms, shifts = augment_zoom_shift(x.shape[0], cfg, generator)
-    x = _resample(x, size, angles, flips, zooms, shifts)
+        vflips = augment_vflip(x.shape[0], cfg, generator)
+    x = _resample(x, size, angles, flips, zooms, shifts, vflips)
     scale = 1.0 / (unit * torch.tensor(cfg.std, dtype=torch.float64))
     shift = -torch.tensor(cfg.mean, dtype=torch.float64) / torch.tensor(cfg.std, dtype=torch.float64)
     # (x - mean_c) / std_c for c = 0..2 in one broadcasting pass: (B, 1, H, W) -> (B, 3, H, W)
@@ -130,20 +146,22 @@ def _resample(
     flips: torch.Tensor | None,
     zooms: torch.Tensor | None = None,
     shifts: torch.Tensor | None = None,
+    vflips: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """(B, 1, h, w) -> (B, 1, size, size): bilinear resize, rotation by ``angles`` degrees (counter-clockwise,
-    about the centre), horizontal flip where ``flips``, zoom by ``zooms`` and shift by ``shifts``, as one
-    resampling.
+    about the centre), horizontal flip where ``flips``, vertical flip where ``vflips``, zoom by ``zooms`` and
+    shift by ``shifts``, as one resampling.
 
     The sampling grid maps output to input coordinates: in = R (F out) / z + s, R = [[cos, -sin], [sin, cos]],
-    F = diag(-1, 1) for a flipped sample (normalised coordinates, y pointing down, align_corners=False).
+    F = diag(+-1, +-1) with -1 for a flipped axis (normalised coordinates, y pointing down, align_corners=False).
     """
     b = x.shape[0]
     a = torch.zeros(b) if angles is None else angles.detach().float().cpu().reshape(b)
     f = torch.zeros(b, dtype=torch.bool) if flips is None else flips.detach().bool().cpu().reshape(b)
     z = torch.ones(b) if zooms is None else zooms.detach().float().cpu().reshape(b)
     t = torch.zeros(b, 2) if shifts is None else shifts.detach().float().cpu().reshape(b, 2)
-    if not (torch.any(a != 0) or torch.any(z != 1) or torch.any(t != 0)):
+    v = torch.zeros(b, dtype=torch.bool) if vflips is None else vflips.detach().bool().cpu().reshape(b)
+    if not (torch.any(a != 0) or torch.any(z != 1) or torch.any(t != 0) or torch.any(v)):
         # no rotation, zoom or shift: plain bilinear resize (same as the identity grid) and exact flips
         if x.shape[-2:] != (size, size):
             x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=False, align_corners=False)
@@ -152,6 +170,7 @@ def _resample(
     dev, dt = x.device, x.dtype
     cos, sin = torch.cos(rad).to(dev, dt).view(b, 1, 1), torch.sin(rad).to(dev, dt).view(b, 1, 1)
     sign = torch.where(f, -1.0, 1.0).to(dev, dt).view(b, 1, 1)
+    sign_y = torch.where(v, -1.0, 1.0).to(dev, dt).view(b, 1, 1)
     inv_zoom = (1.0 / z).to(dev, dt).view(b, 1, 1)
     cos, sin = cos * inv_zoom, sin * inv_zoom
     tx, ty = t[:, 0].to(dev, dt).view(b, 1, 1), t[:, 1].to(dev, dt).view(b, 1, 1)
@@ -162,6 +181,7 @@ def _resample(
     # torchvision's rotate does). Each coordinate is a row term plus a column term, written straight
     # into the grid: several times faster on the CPU than F.affine_grid.
     grid = torch.empty(b, size, size, 2, device=dev, dtype=dt)
+    ys = sign_y * ys  # (B, size, 1): the vertical flip
     torch.add(cos * sign * xs, tx - sin * ys, out=grid[..., 0])
     torch.add(sin * sign * xs, ty + cos * ys, out=grid[..., 1])
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
