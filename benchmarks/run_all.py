@@ -20,6 +20,7 @@ Usage:
     .venv/bin/python benchmarks/run_all.py                 # full sizes (tens of minutes on 2 cores)
     .venv/bin/python benchmarks/run_all.py --quick         # small sizes, a sanity run
     .venv/bin/python benchmarks/run_all.py --only model train
+    .venv/bin/python benchmarks/run_all.py --render        # RESULTS.md again from results.json
 """
 
 from __future__ import annotations
@@ -114,7 +115,14 @@ def main() -> int:
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per script (default 3600)")
     ap.add_argument("--out", type=Path, default=HERE / "results.json")
     ap.add_argument("--md", type=Path, default=HERE / "RESULTS.md")
+    ap.add_argument("--render", action="store_true", help="only rewrite --md from an existing --out JSON")
     args = ap.parse_args()
+    if args.render:
+        from cxrloc.fileio import atomic_write_text
+
+        atomic_write_text(args.md, markdown(json.loads(args.out.read_text())))
+        print(f"wrote {args.md} from {args.out}")
+        return 0
     scripts = discover(args.only)
     if not scripts:
         print("no benchmark scripts found", file=sys.stderr)
@@ -197,20 +205,29 @@ def run_script(path: Path, out_json: Path, quick: bool, timeout: float) -> dict[
 
 
 def lookup(doc: Any, path: str) -> Any:
-    """Value at a dotted path (``a.b[2].c``; ``_const.75`` is the number 75); None when absent."""
+    """Value at a dotted path (``a.b[2].c``; ``_const.75`` is the number 75); None when absent.
+
+    A key may itself hold dots (``box_accuracy_t0.3``): at each level the longest key that
+    the rest of the path starts with wins.
+    """
     if path.startswith("_const."):
         return float(path.removeprefix("_const."))
-    cur = doc
-    for part in re.findall(r"[^.\[\]]+|\[\d+\]", path):
-        if part.startswith("["):
-            idx = int(part[1:-1])
-            if not isinstance(cur, list) or idx >= len(cur):
+    cur, rest = doc, path
+    while rest:
+        if rest.startswith("["):
+            m = re.match(r"\[(\d+)\]\.?", rest)
+            if m is None or not isinstance(cur, list) or int(m.group(1)) >= len(cur):
                 return None
-            cur = cur[idx]
-        else:
-            if not isinstance(cur, dict) or part not in cur:
-                return None
-            cur = cur[part]
+            cur, rest = cur[int(m.group(1))], rest[m.end():]
+            continue
+        if not isinstance(cur, dict):
+            return None
+        keys = [k for k in cur if isinstance(k, str) and rest.startswith(k)
+                and (len(rest) == len(k) or rest[len(k)] in ".[")]
+        if not keys:
+            return None
+        key = max(keys, key=len)
+        cur, rest = cur[key], rest[len(key):].removeprefix(".")
     return cur
 
 
