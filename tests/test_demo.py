@@ -12,6 +12,8 @@ accuracy at T = 0.3 >= 0.5) are measured by ``benchmarks/demo.py``, not here.
 from __future__ import annotations
 
 import json
+import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +26,7 @@ from cxrloc.demo import (
     STAMP,
     VARIANTS,
     _remove_stage_folder,
+    busy_cores,
     cam_threshold_of,
     choose_threads,
     variant_config,
@@ -122,6 +125,31 @@ def test_choose_threads() -> None:
     assert choose_threads(None) >= 1
     with pytest.raises(ValueError):
         choose_threads(0)
+    cores = len(os.sched_getaffinity(0))
+    assert choose_threads(None, busy=0.2) == cores  # an idle machine: every core
+    assert choose_threads(None, busy=cores + 7.0) == 1  # a saturated one: one thread, never zero
+    if cores >= 2:
+        assert choose_threads(None, busy=1.0) == cores - 1
+
+
+def test_busy_cores_measures_now() -> None:
+    """Instantaneous, not the lagging load average: between 0 and the core count, and it sees a busy loop."""
+    idle = busy_cores(0.2)
+    assert 0.0 <= idle <= os.cpu_count() + 1e-6
+    stop = threading.Event()
+
+    def spin() -> None:
+        while not stop.is_set():
+            pass
+
+    t = threading.Thread(target=spin)
+    t.start()
+    try:
+        loaded = busy_cores(0.3)
+    finally:
+        stop.set()
+        t.join()
+    assert loaded > 0.5, (idle, loaded)
 
 
 def test_cam_threshold_of() -> None:
