@@ -19,6 +19,7 @@ def test_paper_defaults_pinned():
     assert c.mining.ordering == "phash" and c.mining.curriculum_epochs == 10 and c.mining.hard_fraction == 0.1
     assert c.train.optimizer == "adam" and c.train.lr == 1e-3 and c.train.lr_decay_factor == 0.1
     assert c.train.max_epochs == 30 and c.train.batch_size == 16
+    assert not c.train.compile and not c.train.channels_last  # ours, opt-in: eager fp32 as the paper
     assert c.data.image_size == 224 and c.data.rotation_degrees == 5.0 and c.data.hflip_prob == 0.5
     assert c.data.scale_range == 0.0 and c.data.translate_fraction == 0.0  # ours, off: the paper has neither
     assert c.data.vflip_prob == 0.0  # ours, off: the paper flips horizontally only

@@ -102,6 +102,7 @@ class TrainConfig:
     strategy: str = "auto"  # "ddp" for several GPUs / nodes
     num_nodes: int = 1
     channels_last: bool = False
+    compile: bool = False  # ours: torch.compile the backbone (fused kernels; fewer launches on a GPU)
     nonfinite: Literal["stop", "skip"] = "stop"  # NaN/inf loss: stop the run, or skip the batch and count it
     limit_train_batches: float = 1.0  # fraction (<=1) or number (>1) of batches per epoch; 1.0 = all
     log_every_n_steps: int = 50

@@ -103,6 +103,8 @@ class DLRVModule(L.LightningModule):
             self.model.region_head.requires_grad_(False)
         if cfg.train.channels_last:
             self.model.to(memory_format=torch.channels_last)
+        if cfg.train.compile:  # the backbone pass only: the heads' data-dependent boxes stay eager
+            self.model.forward_features = torch.compile(self.model.forward_features)  # state_dict unchanged
         self.criterion = DLRVLoss(cfg.loss)
         extra = (resume or {}).get("extra", {})
         self._resume_optimizer = extra.get("optimizer")
