@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import platform
 import random
 import statistics
 import sys
@@ -43,6 +42,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _machine import machine  # noqa: E402
 
 from cxrloc.config import LossConfig, ModelConfig  # noqa: E402
 from cxrloc.fileio import atomic_write_json  # noqa: E402
@@ -57,28 +59,10 @@ VARIANTS = {  # name: (use_dl, use_rv)
 TOLERANCE = 0.02
 
 
-def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "torch": str(torch.__version__),
-        "torch_threads": torch.get_num_threads(),
-        "mkldnn_bf16": bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()),
-        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-    }
-    if hasattr(os, "getloadavg"):
-        info["load_average_start"] = list(os.getloadavg())
-    return info
+def machine_info() -> dict:
+    """The shared machine description plus what matters here: bf16 support and the GPU."""
+    bf16 = bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return machine(mkldnn_bf16=bf16, cuda=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)
 
 
 def sync(device: torch.device) -> None:
@@ -262,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     torch.manual_seed(0)
     model = build_model(ModelConfig(backbone=backbone, pretrained=False)).to(device)
-    info = machine()
+    info = machine_info()
     print(f"{backbone} at {size}px on {device} ({info['cpu']}, {info['torch_threads']} threads)", flush=True)
     training = bench_training(model, device, args.batch, size, reps, seed=0)
     inference = bench_inference(model, device, args.infer_batch, size, reps, seed=0,
@@ -275,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         "fastest_correct_inference_ge_2.5x_fp32":
             inference["settings"][inference["fastest_correct"]]["speedup_vs_fp32"] >= 2.5,
     }
-    loads = [info.get("load_average_start", [0])[0], info.get("load_average_end", [0])[0]]
+    loads = [info["load_average_at_start"][0], info.get("load_average_end", [0])[0]]
     if device.type == "cpu" and max(loads) > (os.cpu_count() or 1):
         info["warning"] = f"shared machine: load average {max(loads):.1f} > {os.cpu_count()} cores; timings are noisy"
         print(f"WARNING: {info['warning']}")
