@@ -107,9 +107,9 @@ def batch_transform(
 
     Args:
         images: (B, S, S) or (B, 1, S, S) uint8 (or float in [0, 1]) on any device.
-        cfg: image_size, rotation_degrees, hflip_prob, scale_range, translate_fraction, mean, std.
-        train: draw random rotation + flip (+ zoom / shift when configured) per sample (ignored when
-            ``angles``/``flips`` are given).
+        cfg: image_size, rotation_degrees, hflip_prob, scale_range, translate_fraction, vflip_prob, mean, std.
+        train: draw random rotation + flip (+ zoom / shift / vertical flip when configured) per sample
+            (ignored when any of the explicit parameters below is given).
         generator: CPU generator for the random parameters (default: torch's global one).
         angles: (B,) degrees, counter-clockwise, explicit instead of random.
         flips: (B,) bool, explicit horizontal flips instead of random.
@@ -162,7 +162,7 @@ def _resample(
     t = torch.zeros(b, 2) if shifts is None else shifts.detach().float().cpu().reshape(b, 2)
     v = torch.zeros(b, dtype=torch.bool) if vflips is None else vflips.detach().bool().cpu().reshape(b)
     if not (torch.any(a != 0) or torch.any(z != 1) or torch.any(t != 0) or torch.any(v)):
-        # no rotation, zoom or shift: plain bilinear resize (same as the identity grid) and exact flips
+        # no rotation, zoom, shift or vertical flip: plain bilinear resize (same as the identity grid), exact flips
         if x.shape[-2:] != (size, size):
             x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=False, align_corners=False)
         return torch.where(f.to(x.device).view(b, 1, 1, 1), x.flip(-1), x) if torch.any(f) else x

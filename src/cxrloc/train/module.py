@@ -120,7 +120,7 @@ class DLRVModule(L.LightningModule):
 
     # ------------------------------------------------------------------ inputs
     def train_inputs(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 (R, S, S) on the device -> augmented (rotation +-5 deg, hflip), normalised (R, 3, H, W)."""
+        """uint8 (R, S, S) on the device -> augmented (rotation +-5 deg, hflip; optional zoom, shift, vflip), normalised."""
         return self._layout(batch_transform(images, self.cfg.data, train=True, generator=self._augment_generator))
 
     def eval_inputs(self, images: torch.Tensor) -> torch.Tensor:
