@@ -52,3 +52,25 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
             for nodeid in _bad_skips:
                 tr.write_line(f"  {nodeid}", red=True)
         session.exitstatus = 1
+
+
+@pytest.fixture
+def inject_loss_factor(monkeypatch: pytest.MonkeyPatch):
+    """``inject({k: factor})``: multiply the loss by ``factor`` (nan or inf) on the k-th loss evaluation (1-based)."""
+    from cxrloc.model.losses import DLRVLoss
+
+    real = DLRVLoss.forward
+
+    def inject(at: dict[int, float]) -> None:
+        calls = {"n": 0}
+
+        def forward(self, outputs, labels, num_anchors=None):
+            terms = real(self, outputs, labels, num_anchors)
+            calls["n"] += 1
+            if calls["n"] in at:
+                terms = {**terms, "loss": terms["loss"] * at[calls["n"]]}
+            return terms
+
+        monkeypatch.setattr(DLRVLoss, "forward", forward)
+
+    return inject

@@ -18,34 +18,19 @@ from fault_tools import FAST_TRAIN, sha256
 from cxrloc.cli import main
 from cxrloc.config import load_config
 from cxrloc.model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, tensor_sha256
-from cxrloc.model.losses import DLRVLoss
 from cxrloc.train import read_summary, train
 
 STEPS_PER_EPOCH = 8
-
-
-def _inject(monkeypatch, at: dict[int, float]) -> None:
-    """Multiply the loss by ``at[k]`` (nan or inf) on the k-th loss evaluation (1-based)."""
-    real = DLRVLoss.forward
-    calls = {"n": 0}
-
-    def forward(self, outputs, labels, num_anchors=None):
-        terms = real(self, outputs, labels, num_anchors)
-        calls["n"] += 1
-        if calls["n"] in at:
-            terms = {**terms, "loss": terms["loss"] * at[calls["n"]]}
-        return terms
-
-    monkeypatch.setattr(DLRVLoss, "forward", forward)
 
 
 def _checkpoint_hashes(run) -> dict[str, str]:
     return {p.name: sha256(p) for p in sorted((run / "checkpoints").glob("*.pt"))}
 
 
-def test_stop_keeps_the_last_good_checkpoint_and_resume_recovers(epoch1_copy, reference_run, monkeypatch, capsys):
+def test_stop_keeps_the_last_good_checkpoint_and_resume_recovers(epoch1_copy, reference_run, inject_loss_factor,
+                                                                 monkeypatch, capsys):
     before = _checkpoint_hashes(epoch1_copy)
-    _inject(monkeypatch, {3: float("nan")})
+    inject_loss_factor({3: float("nan")})
     assert main(["train", "--resume", str(epoch1_copy), "--progress", "none"]) == 1
     out = capsys.readouterr()
     assert "stopped_nonfinite: non-finite loss at epoch 2, step 10 (batch 2)" in out.err, out.err
@@ -53,7 +38,7 @@ def test_stop_keeps_the_last_good_checkpoint_and_resume_recovers(epoch1_copy, re
     assert _checkpoint_hashes(epoch1_copy) == before  # last.pt and best.pt: still epoch 1, byte for byte
     summary = read_summary(epoch1_copy)
     assert summary["status"] == "stopped_nonfinite" and summary["epochs_completed"] == 1
-    monkeypatch.undo()  # a transient fault: resuming from the kept checkpoint gives the uninterrupted result
+    monkeypatch.undo()  # (the fixture patches through this same monkeypatch) a transient fault: resuming from the kept checkpoint gives the uninterrupted result
     assert main(["train", "--resume", str(epoch1_copy), "--progress", "none"]) == 0
     capsys.readouterr()
     a = load_checkpoint(epoch1_copy / "checkpoints/last.pt")["state_dict"]
@@ -61,8 +46,8 @@ def test_stop_keeps_the_last_good_checkpoint_and_resume_recovers(epoch1_copy, re
     assert all(torch.equal(a[k], v) for k, v in b.items())
 
 
-def test_skip_counts_nan_and_inf_batches_in_the_logs(epoch1_copy, monkeypatch, caplog, capsys):
-    _inject(monkeypatch, {2: float("nan"), 5: float("inf")})
+def test_skip_counts_nan_and_inf_batches_in_the_logs(epoch1_copy, inject_loss_factor, caplog, capsys):
+    inject_loss_factor({2: float("nan"), 5: float("inf")})
     assert main(["train", "--resume", str(epoch1_copy), "--progress", "none", "--set", "train.nonfinite=skip"]) == 0
     capsys.readouterr()
     warnings = [r.getMessage() for r in caplog.records if "non-finite loss" in r.getMessage()]

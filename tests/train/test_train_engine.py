@@ -114,8 +114,8 @@ def test_checkpoints_are_plain_and_complete(tiny_cache, tmp_path):
     assert summary["best_metric"] == max(h["val/auc_mean"] for h in summary["history"])
 
 
-def test_nonfinite_skip_counts_and_continues(tiny_cache, tmp_path, monkeypatch):
-    _inject_nan(monkeypatch, at_calls={3, 11})
+def test_nonfinite_skip_counts_and_continues(tiny_cache, tmp_path, inject_loss_factor):
+    inject_loss_factor({3: float("nan"), 11: float("nan")})
     r = _run(tiny_cache, tmp_path / "run", "train.max_epochs=2", "train.nonfinite=skip")
     assert r.status == "completed" and r.epochs_completed == 2
     hist = read_summary(r.run_dir)["history"]
@@ -129,8 +129,8 @@ def test_nonfinite_skip_counts_and_continues(tiny_cache, tmp_path, monkeypatch):
     assert log["train/nonfinite_skipped"].max() == 2
 
 
-def test_nonfinite_stop_keeps_last_good_checkpoint(tiny_cache, tmp_path, monkeypatch, capsys):
-    _inject_nan(monkeypatch, at_calls={8 + 3})  # 4th step of epoch 2
+def test_nonfinite_stop_keeps_last_good_checkpoint(tiny_cache, tmp_path, inject_loss_factor, capsys):
+    inject_loss_factor({8 + 3: float("nan")})  # 4th step of epoch 2
     r = _run(tiny_cache, tmp_path / "run", "train.max_epochs=3", "train.nonfinite=stop")
     assert r.status == "stopped_nonfinite"
     assert "non-finite loss at epoch 2" in r.message and "stopped" in r.message
@@ -138,22 +138,6 @@ def test_nonfinite_stop_keeps_last_good_checkpoint(tiny_cache, tmp_path, monkeyp
     ckpt = load_checkpoint(tmp_path / "run/checkpoints/last.pt")
     assert ckpt["epoch"] == 1
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
-
-
-def _inject_nan(monkeypatch: pytest.MonkeyPatch, at_calls: set[int]) -> None:
-    from cxrloc.model.losses import DLRVLoss
-
-    original = DLRVLoss.forward
-    calls = {"n": 0}
-
-    def forward(self, outputs, labels, num_anchors=None):
-        terms = original(self, outputs, labels, num_anchors)
-        calls["n"] += 1
-        if calls["n"] in at_calls:
-            terms = {**terms, "loss": terms["loss"] * float("nan")}
-        return terms
-
-    monkeypatch.setattr(DLRVLoss, "forward", forward)
 
 
 def test_resume_guards(tiny_cache, tmp_path):
