@@ -31,8 +31,6 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -45,6 +43,9 @@ import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _machine import machine  # noqa: E402
 
 from cxrloc.config import Config, load_config  # noqa: E402
 from cxrloc.data.cache import Cache, write_cache  # noqa: E402
@@ -61,28 +62,6 @@ TARGET_RATIO = 3.2
 TARGET_GPU_IMAGES_PER_S = 1500
 #: approximate ChestX-ray14 label frequencies (fraction of images), FINDINGS order
 NIH_FREQ = (0.103, 0.025, 0.119, 0.177, 0.052, 0.056, 0.013, 0.047, 0.042, 0.021, 0.022, 0.015, 0.030, 0.002)
-
-
-def machine() -> dict:
-    info = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "platform": platform.platform(),
-        "cpu": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
-    }
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
 
 
 def variant_config(variant: str, backbone: str, size: int, device: str) -> Config:
@@ -300,7 +279,8 @@ def main() -> None:
         devices = [d for d in args.devices.split(",") if d in devices]
         if not devices:
             p.error(f"--devices {args.devices!r}: none of them is available here")
-    results: dict = {"machine": machine(), "backbone": args.backbone, "image_size": args.size, "batch": BATCH,
+    results: dict = {"machine": machine(gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None),
+                     "backbone": args.backbone, "image_size": args.size, "batch": BATCH,
                      "quick": args.quick, "devices": {}}
     mining = mining_time(NIH_TRAIN, args.quick)
     loading = loading_time(args.size, repeats=20)
@@ -323,8 +303,8 @@ def main() -> None:
 
 def _print(r: dict) -> None:
     m = r["machine"]
-    print(f"machine: {m['cpu']} ({m['cpu_count']} cores, torch threads {m['torch_threads']}, load {m['load_average']})"
-          + (f", GPU {m['gpu']}" if "gpu" in m else ""))
+    print(f"machine: {m['cpu']} ({m['cores']} cores, torch threads {m['torch_threads']}, "
+          f"load {m['load_average_at_start']})" + (f", GPU {m['gpu']}" if m["gpu"] else ""))
     print(f"backbone {r['backbone']} at {r['image_size']} px, batch {r['batch']} (DLRV: 3 x {r['batch']} images)\n")
     print(f"{'device':6} {'variant':9} {'img/step':>8} {'s/step':>8} {'img/s':>8} | {'engine img/s':>12}")
     for dev, d in r["devices"].items():
