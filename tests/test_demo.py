@@ -191,3 +191,20 @@ def test_demo_backbone_grids() -> None:
         assert k == 216
     assert shapes == {32: (1, 216, 4, 4), 16: (1, 216, 8, 8), 8: (1, 216, 16, 16)}
     assert names[8] == names[16] == names[32]  # same parameters: checkpoints and weights load at any stride
+
+
+def test_cam_offsets_tool_on_the_quick_demo(quick_demo: Path) -> None:
+    """tools/cam_offsets.py (the analysis in docs/demo_tuning.md) reads an evaluated run and its cache."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    from cam_offsets import cam_offsets
+
+    res = cam_offsets(quick_demo / "evaluate" / "dlrv", quick_demo / "cache")
+    mean = res.pop("Mean")
+    assert res and all(0.0 <= r["pointing"] <= 1.0 and r["boxes"] > 0 for r in res.values())
+    assert all(r["acc_common"] <= r["acc_own"] + 1e-12 for r in res.values())  # own threshold is an upper bound
+    assert mean["acc_common"] <= mean["acc_own"] + 1e-12
+    from cxrloc.data.cache import Cache
+
+    assert sum(r["boxes"] for r in res.values()) == len(Cache(quick_demo / "cache").boxes)  # every box counted once
