@@ -249,13 +249,15 @@ def run_demo(
     out.mkdir(parents=True, exist_ok=True)
     plan = PLANS["quick" if quick else "default"]
     load_before = _load()
-    threads = choose_threads(threads)
+    busy = busy_cores() if threads is None else None
+    threads = choose_threads(threads, busy)
     torch.set_num_threads(threads)
     t_start = time.perf_counter()
     variants = list(VARIANTS) if ablation else ["dlrv"]
     n_stages = 3 + 2 * len(variants)
     say(f"cxrloc demo ({plan.name}): {plan.images} synthetic images of {plan.size} px, difficulty {difficulty}, "
-        f"seed {seed}; {', '.join(variants)}; {threads} thread(s) (1-min load average {load_before:.1f}); output {out}")
+        f"seed {seed}; {', '.join(variants)}; {threads} thread(s)"
+        + (f" ({busy:.1f} cores busy at the start)" if busy is not None else " (--threads)") + f"; output {out}")
     runner = _StageRunner(out, n_stages, say)
 
     synth_key = _key("synth", images=plan.images, size=plan.size, seed=seed, difficulty=difficulty,
@@ -267,9 +269,10 @@ def run_demo(
                lambda folder: _prepare(out / "synth", folder, plan.size, threads, progress))
 
     metrics: dict[str, dict[str, Any]] = {}
+    train_keys: dict[str, str] = {}
     for variant in variants:
         cfg = variant_config(plan, variant, seed)
-        train_key = _key("train", cache=cache_key, config=cfg.to_dict())
+        train_key = train_keys[variant] = _key("train", cache=cache_key, config=cfg.to_dict())
         stage = runner.run(f"train {variant}", out / "train" / variant, train_key,
                            lambda folder, cfg=cfg: _train(cfg, out / "cache", folder, progress, say),
                            keep_unfinished=True)
@@ -283,8 +286,7 @@ def run_demo(
     dlrv_ckpt = out / "train" / "dlrv" / "checkpoints" / "best.pt"
     map_threshold = cam_threshold_of(metrics["dlrv"])
     picks = overlay_images(out / "cache", out / "synth", plan.overlays)
-    predict_key = _key("predict", train=_key("train", cache=cache_key, config=variant_config(plan, "dlrv", seed).to_dict()),
-                       images=[p.name for p in picks], map_threshold=map_threshold)
+    predict_key = _key("predict", train=train_keys["dlrv"], images=[p.name for p in picks], map_threshold=map_threshold)
     stage = runner.run("predict", out / "predict", predict_key,
                        lambda folder: _predict(dlrv_ckpt, picks, folder, map_threshold, plan.size))
     doc = json.loads((stage.folder / "predictions.json").read_text())
