@@ -64,23 +64,32 @@ TARGET_GPU_IMAGES_PER_S = 1500
 NIH_FREQ = (0.103, 0.025, 0.119, 0.177, 0.052, 0.056, 0.013, 0.047, 0.042, 0.021, 0.022, 0.015, 0.030, 0.002)
 
 
-def variant_config(variant: str, backbone: str, size: int, device: str) -> Config:
-    name = "dlrv" if variant == "dlrv" else "baseline"
+def variant_config(variant: str, backbone: str, size: int, device: str, compile_mode: str | None = None) -> Config:
+    """baseline / dlrv; ``dlrv_compiled``: DLRV with ``train.compile`` in ``compile_mode``."""
+    name = "baseline" if variant == "baseline" else "dlrv"
     sets = [f"model.backbone={backbone}", "model.pretrained=false", f"data.image_size={size}",
             f"train.batch_size={BATCH}"]
     if device == "cuda":
         sets += ["train.channels_last=true", "train.precision=bf16-mixed"]
+    if variant == "dlrv_compiled":
+        sets += ["train.compile=true", f"train.compile_mode={compile_mode}"]
     return load_config(name, sets)
 
 
 # --------------------------------------------------------------------------- 1. steps
 
 
-def step_times(backbone: str, size: int, device: str, repeats: int, warmup: int) -> dict[str, dict]:
-    """Median seconds per training step for baseline and DLRV (interleaved repetitions)."""
+def step_times(
+    backbone: str, size: int, device: str, repeats: int, warmup: int, compile_mode: str | None = None
+) -> dict[str, dict]:
+    """Median seconds per training step for baseline and DLRV (interleaved repetitions).
+
+    With ``compile_mode`` also ``dlrv_compiled`` (the backbone under torch.compile in that mode,
+    e.g. "reduce-overhead" = CUDA graphs); its first steps (compilation, graph capture) are warm-up.
+    """
     setups = {}
-    for variant in ("baseline", "dlrv"):
-        cfg = variant_config(variant, backbone, size, device)
+    for variant in ("baseline", "dlrv") + (("dlrv_compiled",) if compile_mode else ()):
+        cfg = variant_config(variant, backbone, size, device, compile_mode)
         module = DLRVModule(cfg).to(device)
         module.train()
         module._augment_generator = torch.Generator().manual_seed(0)
@@ -96,6 +105,8 @@ def step_times(backbone: str, size: int, device: str, repeats: int, warmup: int)
         n = BATCH
         _sync(device)
         t0 = time.perf_counter()
+        if module._cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=device == "cuda"):
             x = module.train_inputs(images)
@@ -106,7 +117,7 @@ def step_times(backbone: str, size: int, device: str, repeats: int, warmup: int)
         _sync(device)
         return time.perf_counter() - t0
 
-    for _ in range(warmup):
+    for _ in range(warmup + (2 if compile_mode else 0)):  # compilation + CUDA graph recording
         for variant in setups:
             one_step(variant)
     times: dict[str, list[float]] = {v: [] for v in setups}
@@ -243,10 +254,10 @@ def _write_cache(root: Path, n: int, size: int, seed: int, n_train: int | None =
 def epoch_estimate(steps: dict, mining: dict, loading: dict, n_train: int) -> dict:
     batches = math.ceil(n_train / BATCH)
     est = {}
-    for variant in ("baseline", "dlrv"):
+    for variant in [v for v in ("baseline", "dlrv", "dlrv_compiled") if v in steps]:
         compute = batches * steps[variant]["step_s"]
-        load = batches * loading[variant]["batch_s"]
-        mine = mining["epoch_s"] if variant == "dlrv" else 0.0
+        load = batches * loading["baseline" if variant == "baseline" else "dlrv"]["batch_s"]
+        mine = mining["epoch_s"] if variant != "baseline" else 0.0
         est[variant] = {"batches": batches, "compute_s": compute, "loading_s": load, "mining_s": mine,
                         "epoch_s": compute + load + mine, "overhead_fraction": (load + mine) / compute}
     est["ratio_dlrv_over_baseline"] = est["dlrv"]["epoch_s"] / est["baseline"]["epoch_s"]
@@ -265,6 +276,10 @@ def main() -> None:
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/train[_quick].json)")
     p.add_argument("--devices", default=None,
                    help="comma-separated subset of cpu,cuda (default: cpu, and cuda when one is visible)")
+    p.add_argument("--compile-mode", default=None,
+                   choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+                   help="also time DLRV steps with train.compile in this mode (GPU: reduce-overhead = CUDA graphs)")
+    p.add_argument("--no-engine", action="store_true", help="skip the real train() epochs (part 4)")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     warnings.filterwarnings("ignore")
@@ -281,19 +296,23 @@ def main() -> None:
             p.error(f"--devices {args.devices!r}: none of them is available here")
     results: dict = {"machine": machine(gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None),
                      "backbone": args.backbone, "image_size": args.size, "batch": BATCH,
-                     "quick": args.quick, "devices": {}}
+                     "quick": args.quick, "compile_mode": args.compile_mode, "devices": {}}
     mining = mining_time(NIH_TRAIN, args.quick)
     loading = loading_time(args.size, repeats=20)
     results["mining"], results["loading"] = mining, loading
     for device in devices:
-        steps = step_times(args.backbone, args.size, device, repeats, warmup)
+        reps = repeats if device == "cpu" else max(repeats, 20)  # GPU steps are short: more of them
+        steps = step_times(args.backbone, args.size, device, reps, warmup, args.compile_mode)
         est = epoch_estimate(steps, mining, loading, NIH_TRAIN)
+        results["devices"][device] = {"steps": steps, "epoch_estimate": est}
+        if args.no_engine:
+            continue
         n_train = (3 * BATCH if args.quick else 4 * BATCH) if device == "cpu" else 16 * BATCH
         engine = engine_epochs(args.backbone, args.size, n_train, BATCH, device)
         engine["ratio_dlrv_over_baseline"] = engine["dlrv"]["train_batches_s"] / engine["baseline"]["train_batches_s"]
         engine["ratio_steady_batches"] = (engine["dlrv"]["batch_s_median_after_first"]
                                           / engine["baseline"]["batch_s_median_after_first"])
-        results["devices"][device] = {"steps": steps, "epoch_estimate": est, "engine_epoch": engine}
+        results["devices"][device]["engine_epoch"] = engine
     results["targets"] = {"ratio_max": TARGET_RATIO, "gpu_images_per_s_min": TARGET_GPU_IMAGES_PER_S}
     out = Path(args.out) if args.out else Path(__file__).parent / "results" / f"train{'_quick' if args.quick else ''}.json"
     atomic_write_json(out, results)
@@ -306,34 +325,35 @@ def _print(r: dict) -> None:
     print(f"machine: {m['cpu']} ({m['cores']} cores, torch threads {m['torch_threads']}, "
           f"load {m['load_average_at_start']})" + (f", GPU {m['gpu']}" if m["gpu"] else ""))
     print(f"backbone {r['backbone']} at {r['image_size']} px, batch {r['batch']} (DLRV: 3 x {r['batch']} images)\n")
-    print(f"{'device':6} {'variant':9} {'img/step':>8} {'s/step':>8} {'img/s':>8} | {'engine img/s':>12}")
+    print(f"{'device':6} {'variant':13} {'img/step':>8} {'s/step':>8} {'img/s':>8} | {'engine img/s':>12}")
     for dev, d in r["devices"].items():
-        for v in ("baseline", "dlrv"):
-            s, e = d["steps"][v], d["engine_epoch"][v]
-            print(f"{dev:6} {v:9} {s['images_per_step']:8d} {s['step_s']:8.3f} {s['images_per_s']:8.1f} | "
-                  f"{e['images_per_s']:12.1f}")
+        for v, s in d["steps"].items():
+            e = d.get("engine_epoch", {}).get(v)
+            print(f"{dev:6} {v:13} {s['images_per_step']:8d} {s['step_s']:8.3f} {s['images_per_s']:8.1f} | "
+                  + (f"{e['images_per_s']:12.1f}" if e else f"{'-':>12}"))
     mn, ld = r["mining"], r["loading"]
     print(f"\nmining at {mn['anchors']:,} anchors: build {mn['build_s']:.2f} s once, {mn['epoch_s']:.2f} s per epoch")
     print(f"loading one batch from the memmap: DLRV {ld['dlrv']['batch_s'] * 1e3:.2f} ms, "
           f"baseline {ld['baseline']['batch_s'] * 1e3:.2f} ms")
     print(f"\nper epoch at {NIH_TRAIN:,} anchors ({math.ceil(NIH_TRAIN / BATCH):,} batches):")
-    print(f"{'device':6} {'variant':9} {'compute s':>10} {'load s':>8} {'mine s':>8} {'overhead':>9} {'epoch s':>9}")
+    print(f"{'device':6} {'variant':13} {'compute s':>10} {'load s':>8} {'mine s':>8} {'overhead':>9} {'epoch s':>9}")
     for dev, d in r["devices"].items():
         est = d["epoch_estimate"]
-        for v in ("baseline", "dlrv"):
+        for v in [v for v in ("baseline", "dlrv", "dlrv_compiled") if v in est]:
             e = est[v]
-            print(f"{dev:6} {v:9} {e['compute_s']:10.1f} {e['loading_s']:8.1f} {e['mining_s']:8.2f} "
+            print(f"{dev:6} {v:13} {e['compute_s']:10.1f} {e['loading_s']:8.1f} {e['mining_s']:8.2f} "
                   f"{100 * e['overhead_fraction']:8.2f}% {e['epoch_s']:9.1f}")
         print(f"{dev:6} DLRV / baseline per epoch: {est['ratio_dlrv_over_baseline']:.2f}x (step ratio "
               f"{est['step_ratio']:.2f}x); target <= {TARGET_RATIO}x")
-        eng = d["engine_epoch"]
-        print(f"{dev:6} engine epoch of {eng['dlrv']['anchors']} anchors: DLRV/baseline {eng['ratio_dlrv_over_baseline']:.2f}x "
-              f"(steady batches {eng['ratio_steady_batches']:.2f}x); time outside the batches: baseline "
-              f"{eng['baseline']['outside_batches_s']:.2f} s, DLRV {eng['dlrv']['outside_batches_s']:.2f} s")
+        eng = d.get("engine_epoch")
+        if eng:
+            print(f"{dev:6} engine epoch of {eng['dlrv']['anchors']} anchors: DLRV/baseline {eng['ratio_dlrv_over_baseline']:.2f}x "
+                  f"(steady batches {eng['ratio_steady_batches']:.2f}x); time outside the batches: baseline "
+                  f"{eng['baseline']['outside_batches_s']:.2f} s, DLRV {eng['dlrv']['outside_batches_s']:.2f} s")
         if dev == "cuda":
-            ips = d["steps"]["dlrv"]["images_per_s"]
-            print(f"cuda   DLRV images/s {ips:.0f} (target >= {TARGET_GPU_IMAGES_PER_S}); 30 epochs of DLRV: "
-                  f"{30 * est['dlrv']['epoch_s'] / 3600:.2f} h")
+            for v in [v for v in ("dlrv", "dlrv_compiled") if v in d["steps"]]:
+                print(f"cuda   {v} images/s {d['steps'][v]['images_per_s']:.0f} (target >= {TARGET_GPU_IMAGES_PER_S}); "
+                      f"30 epochs of DLRV: {30 * est[v]['epoch_s'] / 3600:.2f} h")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,8 @@ def test_paper_defaults_pinned():
     assert c.train.optimizer == "adam" and c.train.lr == 1e-3 and c.train.lr_decay_factor == 0.1
     assert c.train.max_epochs == 30 and c.train.batch_size == 16
     assert not c.train.compile and not c.train.channels_last  # ours, opt-in: eager fp32 as the paper
+    assert c.train.compile_mode == "default"  # "reduce-overhead" (CUDA graphs) is opt-in
+    assert c.eval.hflip_tta is False  # ours, opt-in: the paper predicts on the image as it is
     assert c.data.image_size == 224 and c.data.rotation_degrees == 5.0 and c.data.hflip_prob == 0.5
     assert c.data.scale_range == 0.0 and c.data.translate_fraction == 0.0  # ours, off: the paper has neither
     assert c.data.vflip_prob == 0.0  # ours, off: the paper flips horizontally only
@@ -36,6 +38,8 @@ def test_shipped_variants():
     assert load_config("dlrv_no_rv").variant == "dlrv_no_rv"
     assert load_config("dlrv_random_mining").mining.ordering == "random"
     assert load_config("dlrv_exact_positives").mining.positive_mode == "exact"
+    paper_rows = ("baseline", "dlrv", "dlrv_no_dl", "dlrv_no_rv", "dlrv_random_mining", "dlrv_exact_positives")
+    assert not any(load_config(name).eval.hflip_tta for name in paper_rows)  # paper inference: no TTA
 
 
 def test_overrides_and_roundtrip(tmp_path):

@@ -79,6 +79,27 @@ def test_boxes_and_probabilities_match_the_model(sample_dir, checkpoint):
     assert [mass["x"], mass["y"], mass["w"], mass["h"]] == expected.tolist()
 
 
+def test_hflip_tta_flag_and_checkpoint_default(sample_dir, checkpoint, tmp_path):
+    """``--hflip-tta`` (default: the checkpoint's eval.hflip_tta) averages with the mirrored image, and says so."""
+    from cxrloc.data.io import read_image_resized
+    from cxrloc.data.transforms import batch_transform
+    from cxrloc.model import load_model
+
+    path = sample_dir / "images" / "00000150_002.png"
+    runs = {}
+    for name, flag in (("plain", []), ("tta", ["--hflip-tta"])):
+        assert main(["predict", "--checkpoint", str(checkpoint), str(path), "--out", str(tmp_path / name),
+                     "--no-overlays", "--device", "cpu", "--no-channels-last", *flag]) == 0
+        runs[name] = json.loads((tmp_path / name / "predictions.json").read_text())
+    assert runs["plain"]["settings"]["hflip_tta"] is False and runs["tta"]["settings"]["hflip_tta"] is True
+    model, cfg, _ = load_model(checkpoint)
+    image, _ = read_image_resized(path, 256)
+    ref = model.predict(batch_transform(torch.from_numpy(image[None].copy()), cfg.data), hflip_tta=True)
+    got = [runs["tta"]["images"][0]["probabilities"][f] for f in FINDINGS]
+    np.testing.assert_allclose(got, ref["probs"][0].numpy(), atol=1e-5)
+    assert got != [runs["plain"]["images"][0]["probabilities"][f] for f in FINDINGS]
+
+
 def test_bad_files_are_reported_and_skipped(sample_dir, checkpoint, tmp_path):
     src = tmp_path / "in"
     src.mkdir()

@@ -18,7 +18,7 @@ JSON schema (``"schema": "cxrloc.predict/1"``)::
       "model": {"checkpoint": path, "sha256": hex, "config": name, "variant": str,
                 "epoch": int, "image_size": int, "findings": [14 names]},
       "settings": {"decision_thresholds": {finding: float}, "map_threshold": float,
-                   "box_mode": str, "decode_size": int},
+                   "box_mode": str, "decode_size": int, "hflip_tta": bool},
       "images": [
         {"file": path as given, "width": W, "height": H,        # original pixels
          "probabilities": {finding: float, ... 14},            # eq. 10
@@ -156,6 +156,7 @@ class Predictor:
         device: torch device.
         channels_last: NHWC input and weights (oneDNN is faster with them on many CPUs).
         bf16: autocast to bfloat16 (CPUs with AVX512-BF16/AMX, GPUs); CAMs stay float32.
+        hflip_tta: also run the mirrored image and average (config ``eval.hflip_tta``).
     """
 
     model: torch.nn.Module
@@ -167,6 +168,7 @@ class Predictor:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     channels_last: bool = False
     bf16: bool = False
+    hflip_tta: bool = False
 
     def __post_init__(self) -> None:
         self.model.eval().to(self.device)
@@ -181,7 +183,7 @@ class Predictor:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            out = self.model.predict(x)
+            out = self.model.predict(x, hflip_tta=self.hflip_tta)
         return out["probs"].float().cpu().numpy(), out["cam_grid"].float().cpu().numpy()
 
     def detections(self, probs: np.ndarray, maps: np.ndarray, size: tuple[int, int]) -> list[dict[str, Any]]:
@@ -290,6 +292,7 @@ def predict_files(
             "map_threshold": predictor.map_threshold,
             "box_mode": predictor.box_mode,
             "decode_size": predictor.decode_size,
+            "hflip_tta": predictor.hflip_tta,
         },
         "images": images,
         "errors": errors,

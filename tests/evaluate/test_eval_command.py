@@ -108,3 +108,25 @@ def test_bad_arguments_are_one_line_errors(setup, capsys):
     assert "only eval fields" in capsys.readouterr().err
     assert main([*base, "--checkpoint", str(tmp / "model.pt"), "--box-mode", "all", "--map-threshold", "1.5"]) == 2
     assert "map_threshold" in capsys.readouterr().err
+
+
+def test_hflip_tta_is_recorded_and_changes_the_predictions(setup, capsys):
+    """``eval.hflip_tta`` (ours): predictions made without it are not reused with it, and vice versa."""
+    tmp, model, cfg = setup
+    out = tmp / "eval_tta"
+    base = ["evaluate", "--checkpoint", str(tmp / "model.pt"), "--data", str(tmp / "cache"), "--out", str(out),
+            "--device", "cpu", "--bootstrap", "0", "--examples", "0"]
+    assert main(base) == 0
+    plain = Predictions.load(out / "predictions.npz")
+    assert main([*base, "--set", "eval.hflip_tta=true"]) == 0
+    assert "computed predictions" in capsys.readouterr().out.split("report:")[1]
+    tta = Predictions.load(out / "predictions.npz")
+    assert tta.meta["hflip_tta"] is True and plain.meta["hflip_tta"] is False
+    cache = Cache(tmp / "cache")
+    x = batch_transform(torch.from_numpy(np.asarray(cache.images[cache.indices("test")])), cfg.data)
+    ref = model.eval().predict(x, hflip_tta=True)
+    np.testing.assert_allclose(tta.probs, ref["probs"].numpy(), atol=1e-5)
+    np.testing.assert_allclose(tta.maps, ref["cam_grid"][:12].numpy(), atol=1e-4)  # channels_last rounding
+    assert not np.allclose(tta.maps, plain.maps, atol=1e-3)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["config"]["eval"]["hflip_tta"] is True

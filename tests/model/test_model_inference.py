@@ -96,3 +96,23 @@ def test_bf16_autocast_keeps_probabilities_close():
         low = model.predict(x)
     assert low["probs"].dtype == torch.float32
     assert (low["probs"] - ref["probs"]).abs().max() < 0.05
+
+
+def test_hflip_tta_averages_the_two_views():
+    """``predict(x, hflip_tta=True)`` (ours): scores = mean of x and mirrored x; map = both maps aligned, averaged, renormalised."""
+    torch.manual_seed(3)
+    model = build_model(ModelConfig(backbone="densenet-tiny", pretrained=False, output_stride=16)).eval()
+    x = torch.randn(3, 3, 64, 64)
+    plain, mirrored = model.predict(x), model.predict(x.flip(-1))
+    tta = model.predict(x, hflip_tta=True)
+    torch.testing.assert_close(tta["probs"], 0.5 * (plain["probs"] + mirrored["probs"]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(tta["logits"], 0.5 * (plain["logits"] + mirrored["logits"]), atol=1e-5, rtol=0)
+    avg = 0.5 * (plain["cam_grid"] + mirrored["cam_grid"].flip(-1))
+    lo, hi = avg.amin(dim=(-2, -1), keepdim=True), avg.amax(dim=(-2, -1), keepdim=True)
+    torch.testing.assert_close(tta["cam_grid"], (avg - lo) / (hi - lo), atol=1e-5, rtol=0)
+    assert torch.equal(tta["region_masks"], plain["region_masks"])
+    # the TTA prediction of the mirrored image is the mirrored TTA prediction (the offsets' left/right part cancels)
+    tta_m = model.predict(x.flip(-1), hflip_tta=True)
+    torch.testing.assert_close(tta_m["probs"], tta["probs"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(tta_m["cam_grid"], tta["cam_grid"].flip(-1), atol=1e-5, rtol=0)
+    assert not torch.allclose(plain["cam_grid"], tta["cam_grid"], atol=1e-3)  # it does change the maps

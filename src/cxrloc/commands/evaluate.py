@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     preds, reused = load_or_run_predictions(
         args.out / PREDICTIONS_FILE, model_loader, cache, args.split,
         {"checkpoint": identity["checkpoint"]}, recompute=args.recompute,
-        batch_size=args.batch_size, device=device, channels_last=args.channels_last,
+        batch_size=args.batch_size, device=device, channels_last=args.channels_last, hflip_tta=eval_cfg.hflip_tta,
     )
     evaluation = evaluate_predictions(preds, cache.boxes, eval_cfg)
     config = dict(stored)

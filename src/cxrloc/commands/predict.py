@@ -30,6 +30,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-overlays", action="store_true", help="skip the heatmap overlay PNGs")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                    help="NHWC memory format (default on: faster with oneDNN on CPU)")
+    p.add_argument("--hflip-tta", action=argparse.BooleanOptionalAction, default=None,
+                   help="also predict the mirrored image and average scores and maps (default: the checkpoint's eval.hflip_tta)")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (fast on CPUs with AMX / AVX512-BF16 and GPUs)")
 
 
@@ -60,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
         model, cfg, decision_thresholds=thresholds, map_threshold=map_threshold,
         box_mode=args.box_mode or cfg.eval.box_mode, decode_size=args.decode_size or DEFAULT_DECODE_SIZE,
         device=device, channels_last=args.channels_last, bf16=args.bf16,
+        hflip_tta=cfg.eval.hflip_tta if args.hflip_tta is None else args.hflip_tta,
     )
     doc = predict_files(
         predictor, files, args.out, model_identity(args.checkpoint, cfg, ckpt), batch_size=args.batch_size,

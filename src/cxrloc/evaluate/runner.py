@@ -147,6 +147,7 @@ def run_predictions(
     channels_last: bool = False,
     progress: bool = True,
     meta: dict[str, Any] | None = None,
+    hflip_tta: bool = False,
 ) -> Predictions:
     """Run ``model.predict`` (eq. 10-11) over every image of a split.
 
@@ -160,6 +161,7 @@ def run_predictions(
         channels_last: feed NHWC tensors (faster on CPUs with oneDNN and on GPUs).
         progress: tqdm bar.
         meta: extra identity stored with the predictions (checkpoint path and hash).
+        hflip_tta: average with the mirrored image (``DLRV.predict``; config ``eval.hflip_tta``).
 
     Returns:
         :class:`Predictions` with maps for the split's box images.
@@ -185,7 +187,7 @@ def run_predictions(
         x = batch_transform(batch["image"].to(device), data_cfg, train=False)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        out = model.predict(x)
+        out = model.predict(x, hflip_tta=hflip_tta)
         probs[start:stop] = out["probs"].float().cpu().numpy()
         logits[start:stop] = out["logits"].float().cpu().numpy()
         if maps is None:
@@ -200,6 +202,7 @@ def run_predictions(
         "cache": cache_identity(cache),
         "cxrloc_version": __version__,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "hflip_tta": bool(hflip_tta),
         **(meta or {}),
     }
     return Predictions(
@@ -225,7 +228,7 @@ def load_or_run_predictions(
     recompute: bool = False,
     **run_kwargs: Any,
 ) -> tuple[Predictions, bool]:
-    """Reuse ``path`` when it was made from the same checkpoint, cache and split; else run and save.
+    """Reuse ``path`` when it was made from the same checkpoint, cache, split and TTA; else run and save.
 
     Args:
         path: the predictions file.
@@ -246,7 +249,7 @@ def load_or_run_predictions(
         except ValueError as e:
             log.warning("%s; recomputing", e)
         else:
-            stale = _stale_reason(preds.meta, cache, split, identity)
+            stale = _stale_reason(preds.meta, cache, split, identity, bool(run_kwargs.get("hflip_tta", False)))
             if stale is None:
                 log.info("reusing %s", path)
                 return preds, True
@@ -257,9 +260,13 @@ def load_or_run_predictions(
     return preds, False
 
 
-def _stale_reason(meta: dict[str, Any], cache: Cache, split: str, identity: dict[str, Any]) -> str | None:
+def _stale_reason(
+    meta: dict[str, Any], cache: Cache, split: str, identity: dict[str, Any], hflip_tta: bool = False
+) -> str | None:
     if meta.get("split") != split:
         return f"split {meta.get('split')!r}, not {split!r}"
+    if bool(meta.get("hflip_tta", False)) != hflip_tta:
+        return f"hflip_tta={bool(meta.get('hflip_tta', False))}, not {hflip_tta}"
     if meta.get("cache", {}).get("sha256") != cache_identity(cache)["sha256"]:
         return "another cache"
     ours = identity.get("checkpoint", {}).get("sha256")

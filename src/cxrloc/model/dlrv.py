@@ -154,6 +154,18 @@ def masked_pool(g: torch.Tensor, mask: torch.Tensor, pooling: Pooling = "gap") -
     return summed / _pool_denominator(weights, pooling).unsqueeze(-1)
 
 
+def merge_hflip(out: dict[str, torch.Tensor], n: int) -> dict[str, torch.Tensor]:
+    """Merge :meth:`DLRV.predict_from_features` outputs of [x; hflip(x)] (2n rows) into n rows.
+
+    Scores: mean of the two views. Maps: the flipped view's ``cam_grid`` flipped back, averaged
+    with the plain one and min-max normalised again. ``region_masks``: the plain view's.
+    """
+    merged = {k: 0.5 * (out[k][:n] + out[k][n:]) for k in ("probs", "logits", "region_logits")}
+    merged["cam_grid"] = normalize_maps(0.5 * (out["cam_grid"][:n] + out["cam_grid"][n:].flip(-1)))
+    merged["region_masks"] = out["region_masks"][:n]
+    return merged
+
+
 def upsample_maps(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Bilinear upsampling of [0, 1] maps (B, C, h, w) -> (B, C, H, W), clamped to [0, 1] (eq. 11)."""
     out = F.interpolate(maps.float(), size=tuple(size), mode="bilinear", align_corners=False)
@@ -295,11 +307,16 @@ class DLRV(nn.Module):
             "region_masks": boxes,
         }
 
-    def predict(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def predict(self, x: torch.Tensor, hflip_tta: bool = False) -> dict[str, torch.Tensor]:
         """Scores and maps without labels (runs under ``torch.inference_mode``; call ``eval()`` first).
 
         Args:
             x: images (B, 3, H, W).
+            hflip_tta: also run the horizontally flipped images (one batch of 2B) and average:
+                probabilities and logits are the mean of the two views; the map is the mean of
+                the two normalised eq. 11 maps (the flipped one flipped back), normalised again;
+                ``region_masks`` are the unflipped view's. Ours (not in the paper): it cancels
+                the left/right part of the offsets a CAM learns (docs/demo_tuning.md).
 
         Returns:
             ``probs`` (B, C) = sigmoid(global + class-specific region logits) (eq. 10; global
@@ -313,7 +330,10 @@ class DLRV(nn.Module):
         model); use fp32 (channels_last, optionally torch.compile) for exact eq. 10 scores.
         """
         with torch.inference_mode():
-            return self.predict_from_features(self.forward_features(x))
+            if not hflip_tta:
+                return self.predict_from_features(self.forward_features(x))
+            both = self.predict_from_features(self.forward_features(torch.cat([x, x.flip(-1)])))
+            return merge_hflip(both, x.shape[0])
 
     def localization_maps(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """Eq. 11 maps for all classes, normalised on the grid, bilinearly upsampled: (B, C, H, W) in [0, 1]."""

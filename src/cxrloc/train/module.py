@@ -104,7 +104,11 @@ class DLRVModule(L.LightningModule):
         if cfg.train.channels_last:
             self.model.to(memory_format=torch.channels_last)
         if cfg.train.compile:  # the backbone pass only: the heads' data-dependent boxes stay eager
-            self.model.forward_features = torch.compile(self.model.forward_features)  # state_dict unchanged
+            mode = None if cfg.train.compile_mode == "default" else cfg.train.compile_mode
+            self.model.forward_features = torch.compile(self.model.forward_features, mode=mode)  # state_dict unchanged
+        # CUDA graphs (torch.compile modes "reduce-overhead" / "max-autotune") replay into static buffers:
+        # each step is marked so a replay never overwrites outputs the previous step still uses
+        self._cudagraphs = cfg.train.compile and cfg.train.compile_mode in ("reduce-overhead", "max-autotune")
         self.criterion = DLRVLoss(cfg.loss)
         extra = (resume or {}).get("extra", {})
         self._resume_optimizer = extra.get("optimizer")
@@ -145,6 +149,8 @@ class DLRVModule(L.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
         labels = batch["labels"].float()
         n = int(batch["num_anchors"])
+        if self._cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()
         x = self.train_inputs(batch["images"])
         out = self.model(x, labels=self.criterion.region_labels(labels, n))
         terms = self.criterion(out, labels, n)
@@ -200,6 +206,8 @@ class DLRVModule(L.LightningModule):
         self._val_outputs = []
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        if self._cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()
         x = self.eval_inputs(batch["images"])
         pred = self.model.predict_from_features(self.model.forward_features(x))
         self._val_outputs.append(
