@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+import functools
+import io
 import os
 import resource
 import selectors
@@ -119,7 +121,7 @@ def test_hostile_dicom_header(rows, cols, bits, stored, signed, photometric, sam
                               function, pixels):
     import pydicom
 
-    ds = pydicom.dcmread(_BaseDicom.path(), force=True)
+    ds = pydicom.dcmread(io.BytesIO(_base_dicom()), force=True)
     ds.Rows, ds.Columns, ds.BitsAllocated, ds.BitsStored, ds.HighBit = rows, cols, bits, stored, max(stored - 1, 0)
     ds.PixelRepresentation, ds.PhotometricInterpretation, ds.SamplesPerPixel = signed, photometric, samples
     if frames is not None:
@@ -142,16 +144,10 @@ def test_hostile_dicom_header(rows, cols, bits, stored, signed, photometric, sam
         _decode_bytes(path.read_bytes(), ".dcm")
 
 
-class _BaseDicom:
-    _path: Path | None = None
-
-    @classmethod
-    def path(cls) -> Path:
-        if cls._path is None:
-            d = Path(tempfile.mkdtemp(prefix="cxrloc-fuzz-"))
-            cls._path = d / "base.dcm"
-            cls._path.write_bytes(dicom_bytes(np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) % 4096))
-        return cls._path
+@functools.cache
+def _base_dicom() -> bytes:
+    """A valid 64 x 64 16-bit DICOM, built once (in memory: nothing left behind in /tmp)."""
+    return dicom_bytes(np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) % 4096)
 
 
 # --------------------------------------------------------------------------- bounded fuzz run
