@@ -189,7 +189,9 @@ def _loc_section(result: DemoResult) -> dict[str, Any]:
                 + [_f(base.get(t), 2) for t in LOC_TS] + [""])
     return {"title": "Table 2: box accuracy (IoU > T) per finding",
             "text": [f"{loc['num_boxes']} ground-truth boxes on {loc['num_box_images']} test images; box = "
-                     f"`{loc['box_mode']}` of the eq. 11 map of the true finding; {how}."],
+                     f"`{loc['box_mode']}` of the eq. 11 map of the true finding"
+                     + (" (averaged with the mirrored image's map: `eval.hflip_tta`)" if loc.get("hflip_tta") else "")
+                     + f"; {how}."],
             "header": ["Finding"] + [f"T={t}" for t in LOC_TS] + ["boxes"], "rows": rows}
 
 

@@ -129,4 +129,5 @@ def test_hflip_tta_is_recorded_and_changes_the_predictions(setup, capsys):
     np.testing.assert_allclose(tta.maps, ref["cam_grid"][:12].numpy(), atol=1e-4)  # channels_last rounding
     assert not np.allclose(tta.maps, plain.maps, atol=1e-3)
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["config"]["eval"]["hflip_tta"] is True
+    assert metrics["config"]["eval"]["hflip_tta"] is True and metrics["localization"]["hflip_tta"] is True
+    assert "mirrored image" in (out / "report.md").read_text()

@@ -196,7 +196,8 @@ def report_sections(m: dict[str, Any]) -> list[Section]:
     if not loc.get("available"):
         sections.append({"title": "Localization", "text": [f"Not computed: {loc.get('reason')}."]})
         return sections
-    intro = (f"{loc['num_boxes']} ground-truth boxes on {loc['num_box_images']} images; box mode `{loc['box_mode']}`; "
+    tta = "; maps and scores averaged with the mirrored image (`eval.hflip_tta`, not the paper's)" if loc.get("hflip_tta") else ""
+    intro = (f"{loc['num_boxes']} ground-truth boxes on {loc['num_box_images']} images; box mode `{loc['box_mode']}`{tta}; "
              "a box is correct when IoU > T; the map of the ground-truth finding is used whatever its score. "
              "Cells show ours (paper's DLRV value in parentheses where published).")
     cv = loc.get("cross_validated")

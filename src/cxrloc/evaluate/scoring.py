@@ -116,6 +116,7 @@ def _localization(
     out: dict[str, Any] = {
         "available": True,
         "box_mode": cfg.box_mode,
+        "hflip_tta": bool(preds.meta.get("hflip_tta", False)),  # maps averaged with the mirrored image's
         "num_boxes": len(scores),
         "num_box_images": len(np.unique(scores.image_ids)),
         "iou_thresholds": iou_ts,
