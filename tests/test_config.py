@@ -58,6 +58,8 @@ def test_overrides_and_roundtrip(tmp_path):
         ("train.lr=fast", "train.lr = 'fast' has the wrong type"),
         ("train.max_epochs=1.5", "train.max_epochs"),
         ("mining.ordering=smart", "is not one of"),
+        ("train.compile_mode=fast", "train.compile_mode = 'fast' is not one of 'default', 'reduce-overhead'"),
+        ("eval.hflip_tta=maybe", "eval.hflip_tta"),
         ("loss.use_dl=1", "loss.use_dl"),
         ("model.cam_threshold=1.5", "cam_threshold must be in (0, 1)"),
         ("nokey", "expected key=value"),
