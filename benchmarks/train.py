@@ -23,6 +23,8 @@ Usage:
     .venv/bin/python benchmarks/train.py            # DenseNet-121 at 224 (several minutes on 2 cores)
     .venv/bin/python benchmarks/train.py --quick    # densenet-tiny at 64 px: a sanity run of the script
     .venv/bin/python benchmarks/train.py --devices cuda --out benchmarks/results/train_gpu.json  # GPU only
+    .venv/bin/python benchmarks/train.py --devices cuda --compile-mode reduce-overhead --no-engine \
+        --out benchmarks/results/train_gpu_compile.json   # + DLRV steps with CUDA graphs (train.compile_mode)
 Writes benchmarks/results/train.json (``--quick``: train_quick.json).
 """
 

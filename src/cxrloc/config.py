@@ -103,7 +103,7 @@ class TrainConfig:
     num_nodes: int = 1
     channels_last: bool = False
     compile: bool = False  # ours: torch.compile the backbone (fused kernels; fewer launches on a GPU)
-    # torch.compile mode; "reduce-overhead" adds CUDA graphs (GPU: 2.8x the eager DLRV step, README)
+    # torch.compile mode; "reduce-overhead" adds CUDA graphs (H200: 3.1x the eager DLRV step, README)
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
     nonfinite: Literal["stop", "skip"] = "stop"  # NaN/inf loss: stop the run, or skip the batch and count it
     limit_train_batches: float = 1.0  # fraction (<=1) or number (>1) of batches per epoch; 1.0 = all
