@@ -208,3 +208,25 @@ def test_cam_offsets_tool_on_the_quick_demo(quick_demo: Path) -> None:
     from cxrloc.data.cache import Cache
 
     assert sum(r["boxes"] for r in res.values()) == len(Cache(quick_demo / "cache").boxes)  # every box counted once
+
+
+def test_demo_panel_tool_on_the_quick_demo(quick_demo: Path, tmp_path: Path) -> None:
+    """tools/demo_panel.py (the README's top picture): the first pair of each of the 8 rows, 2 x 4."""
+    import sys
+
+    import numpy as np
+    from PIL import Image
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    from demo_panel import main
+
+    src = quick_demo / "evaluate" / "dlrv" / "examples.png"
+    assert main([str(src), str(tmp_path / "panel.png")]) == 0
+    with Image.open(src) as ex, Image.open(tmp_path / "panel.png") as panel:
+        row_h, half_w = ex.height // 8, ex.width // 2
+        tw, th = round(half_w * 0.75), round(row_h * 0.75)
+        assert panel.size == (4 * tw, 2 * th)
+        # tile 5 (Nodule: second row, second column) is row 5's left pair, scaled
+        ref = ex.convert("RGB").crop((0, 5 * row_h, half_w, 6 * row_h)).resize((tw, th), Image.LANCZOS)
+        got = panel.crop((tw, th, 2 * tw, 2 * th))
+        assert np.array_equal(np.asarray(got), np.asarray(ref))
