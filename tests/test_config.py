@@ -22,6 +22,7 @@ def test_paper_defaults_pinned():
     assert not c.train.compile and not c.train.channels_last  # ours, opt-in: eager fp32 as the paper
     assert c.train.compile_mode == "default"  # "reduce-overhead" (CUDA graphs) is opt-in
     assert c.eval.hflip_tta is False  # ours, opt-in: the paper predicts on the image as it is
+    assert c.model.global_pooling == "gap" and c.model.lse_r == 10.0  # paper eq. 1: GAP; "lse" is ours
     assert c.data.image_size == 224 and c.data.rotation_degrees == 5.0 and c.data.hflip_prob == 0.5
     assert c.data.scale_range == 0.0 and c.data.translate_fraction == 0.0  # ours, off: the paper has neither
     assert c.data.vflip_prob == 0.0  # ours, off: the paper flips horizontally only
@@ -40,6 +41,7 @@ def test_shipped_variants():
     assert load_config("dlrv_exact_positives").mining.positive_mode == "exact"
     paper_rows = ("baseline", "dlrv", "dlrv_no_dl", "dlrv_no_rv", "dlrv_random_mining", "dlrv_exact_positives")
     assert not any(load_config(name).eval.hflip_tta for name in paper_rows)  # paper inference: no TTA
+    assert all(load_config(name).model.global_pooling == "gap" for name in paper_rows)  # eq. 1
 
 
 def test_overrides_and_roundtrip(tmp_path):
@@ -60,6 +62,7 @@ def test_overrides_and_roundtrip(tmp_path):
         ("mining.ordering=smart", "is not one of"),
         ("train.compile_mode=fast", "train.compile_mode = 'fast' is not one of 'default', 'reduce-overhead'"),
         ("eval.hflip_tta=maybe", "eval.hflip_tta"),
+        ("model.global_pooling=max", "model.global_pooling = 'max' is not one of 'gap', 'lse'"),
         ("loss.use_dl=1", "loss.use_dl"),
         ("model.cam_threshold=1.5", "cam_threshold must be in (0, 1)"),
         ("nokey", "expected key=value"),

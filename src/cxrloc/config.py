@@ -56,6 +56,10 @@ class ModelConfig:
     cam_threshold: float = 0.8  # paper: threshold on the normalised attentive map
     rv_pooling: Literal["gap", "box"] = "gap"  # paper-literal GAP over the masked map; "box": mean over box cells
     normalize_embeddings: bool = False  # ours: raw 1024-d embeddings (option: L2-normalise)
+    # global logits (eq. 1): "gap" = W_G . GAP(g) (paper); "lse" (ours) = log-sum-exp over the cells of
+    # each class map M_c (eq. 6), (1/r) log mean exp(r M_c) + b (LSE pooling as in Wang et al. 2017)
+    global_pooling: Literal["gap", "lse"] = "gap"
+    lse_r: float = 10.0  # sharpness r of "lse" (r -> 0: GAP, r -> inf: max)
 
 
 @dataclass

@@ -116,3 +116,40 @@ def test_hflip_tta_averages_the_two_views():
     torch.testing.assert_close(tta_m["probs"], tta["probs"], atol=1e-5, rtol=0)
     torch.testing.assert_close(tta_m["cam_grid"], tta["cam_grid"].flip(-1), atol=1e-5, rtol=0)
     assert not torch.allclose(plain["cam_grid"], tta["cam_grid"], atol=1e-3)  # it does change the maps
+
+
+def test_lse_pool_between_mean_and_max():
+    from cxrloc.model.dlrv import lse_pool
+
+    torch.manual_seed(0)
+    maps = torch.randn(2, 3, 5, 7, dtype=torch.float64)
+    r = 4.0
+    direct = torch.log(torch.exp(r * maps).mean(dim=(-2, -1))) / r
+    torch.testing.assert_close(lse_pool(maps, r), direct)
+    torch.testing.assert_close(lse_pool(maps, 1e-6), maps.mean(dim=(-2, -1)), atol=1e-5, rtol=0)
+    torch.testing.assert_close(lse_pool(maps, 1e4), maps.amax(dim=(-2, -1)), atol=1e-3, rtol=0)
+    assert torch.isfinite(lse_pool(1e4 * maps, 10.0)).all()  # stable for large maps
+
+
+def test_global_pooling_lse_scores_the_class_maps():
+    """``model.global_pooling: lse`` (ours): logit_c = LSE_r over the cells of M_c (eq. 6) + b_c, in training
+    and at inference; ``gap`` (paper) stays W_G GAP(g) + b."""
+    torch.manual_seed(1)
+    cfg = ModelConfig(backbone="densenet-tiny", pretrained=False, output_stride=16, global_pooling="lse", lse_r=5.0)
+    model = build_model(cfg).eval()
+    x = torch.randn(2, 3, 64, 64)
+    g = model.forward_features(x)
+    cams = torch.einsum("ck,bkhw->bchw", model.global_head.weight, g)
+    expected = torch.log(torch.exp(5.0 * cams).mean(dim=(-2, -1))) / 5.0 + model.global_head.bias
+    torch.testing.assert_close(model(x)["logits"], expected, atol=1e-4, rtol=1e-4)
+    pred = model.predict(x)
+    torch.testing.assert_close(pred["logits"], expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(pred["probs"], torch.sigmoid(expected + pred["region_logits"]), atol=1e-5, rtol=0)
+    gap = build_model(ModelConfig(backbone="densenet-tiny", pretrained=False, output_stride=16)).eval()
+    gap.load_state_dict(model.state_dict())  # same parameters: only the pooling differs
+    torch.testing.assert_close(gap(x)["logits"], gap.global_head(g.mean(dim=(2, 3))))
+    assert not torch.allclose(gap(x)["logits"], model(x)["logits"], atol=1e-3)
+    with pytest.raises(ValueError, match="global_pooling"):
+        DLRV(nn.Identity(), 4, global_pooling="max")
+    with pytest.raises(ValueError, match="lse_r"):
+        DLRV(nn.Identity(), 4, global_pooling="lse", lse_r=0.0)

@@ -31,11 +31,17 @@ Decisions (ours, METHOD.md):
       triplet loss; the classifiers always see the raw pooled features (eq. 1).
     * ``use_region=False`` (models trained without RV, whose W_RV is untrained):
       ``predict`` scores with the global logits only and the map uses W_G only.
+    * ``global_pooling="lse"`` (ours, off by default): the global logit of class c is the
+      log-sum-exp pooling of its map, (1/r) log mean_ab exp(r M_c(a, b)) + b_c, instead of
+      M_c's mean (= W_G GAP(g) + b, eq. 1). It rewards maps that peak on the evidence (the
+      demo's small findings). The embedding for the triplet loss stays GAP(g).
 """
 
 from __future__ import annotations
 
 from typing import Literal
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +52,7 @@ from cxrloc.labels import NUM_FINDINGS
 from cxrloc.model.backbone import create_backbone
 
 Pooling = Literal["gap", "box"]
+GlobalPooling = Literal["gap", "lse"]
 
 
 # --------------------------------------------------------------------------- pure functions
@@ -65,6 +72,15 @@ def class_cams(g: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """
     with torch.autocast(device_type=g.device.type, enabled=False):
         return torch.einsum("ck,bkhw->bchw", weight.float(), g.float())
+
+
+def lse_pool(maps: torch.Tensor, r: float) -> torch.Tensor:
+    """Log-sum-exp pooling over the last two dims: (1/r) log mean exp(r * maps); (..., h, w) -> (...).
+
+    Between the mean (r -> 0) and the max (r -> inf); computed stably with ``logsumexp``.
+    """
+    cells = maps.shape[-1] * maps.shape[-2]
+    return (torch.logsumexp(r * maps.flatten(-2), dim=-1) - math.log(cells)) / r
 
 
 def normalize_maps(maps: torch.Tensor) -> torch.Tensor:
@@ -211,6 +227,8 @@ class DLRV(nn.Module):
         normalize_embeddings: L2-normalise the triplet embedding (ours: off).
         use_region: add the region logits at inference and use the averaged weights in
             the map (eq. 10-11); False for models trained without RV.
+        global_pooling: ``"gap"`` (paper, eq. 1) or ``"lse"`` (ours) for the global logits.
+        lse_r: the sharpness r of ``"lse"``.
     """
 
     def __init__(
@@ -222,12 +240,18 @@ class DLRV(nn.Module):
         rv_pooling: Pooling = "gap",
         normalize_embeddings: bool = False,
         use_region: bool = True,
+        global_pooling: GlobalPooling = "gap",
+        lse_r: float = 10.0,
     ) -> None:
         super().__init__()
         if not 0.0 < cam_threshold < 1.0:
             raise ValueError(f"cam_threshold must be in (0, 1), got {cam_threshold}")
         if rv_pooling not in ("gap", "box"):
             raise ValueError(f"rv_pooling must be 'gap' or 'box', got {rv_pooling!r}")
+        if global_pooling not in ("gap", "lse"):
+            raise ValueError(f"global_pooling must be 'gap' or 'lse', got {global_pooling!r}")
+        if not lse_r > 0.0:
+            raise ValueError(f"lse_r must be > 0, got {lse_r}")
         self.backbone = backbone
         self.num_features = num_features
         self.num_classes = num_classes
@@ -235,6 +259,8 @@ class DLRV(nn.Module):
         self.rv_pooling: Pooling = rv_pooling
         self.normalize_embeddings = normalize_embeddings
         self.use_region = use_region
+        self.global_pooling: GlobalPooling = global_pooling
+        self.lse_r = float(lse_r)
         self.global_head = nn.Linear(num_features, num_classes)  # W_G, b (eq. 1)
         self.region_head = nn.Linear(num_features, num_classes)  # W_RV, b' (eq. 8), random init
 
@@ -246,13 +272,19 @@ class DLRV(nn.Module):
             raise ValueError(f"expected images (B, 3, H, W), got shape {tuple(x.shape)}")
         return self.backbone(x)
 
+    def global_logits(self, g: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+        """Global logits (B, C): W_G GAP(g) + b (eq. 1), or LSE pooling of the class maps (``"lse"``)."""
+        if self.global_pooling == "gap":
+            return self.global_head(pooled)
+        return lse_pool(class_cams(g, self.global_head.weight), self.lse_r) + self.global_head.bias.float()
+
     def forward_head(self, g: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Heads on a feature map; see :meth:`forward`."""
         pooled = g.mean(dim=(2, 3))
         out = {
             "features": g,
             "embedding": F.normalize(pooled, dim=1) if self.normalize_embeddings else pooled,
-            "logits": self.global_head(pooled),
+            "logits": self.global_logits(g, pooled),
         }
         if labels is not None:
             rows = labels.shape[0]
@@ -285,7 +317,7 @@ class DLRV(nn.Module):
 
     def predict_from_features(self, g: torch.Tensor) -> dict[str, torch.Tensor]:
         """Inference heads on g (B, K, h, w); see :meth:`predict`."""
-        logits = self.global_head(g.mean(dim=(2, 3))).float()
+        logits = self.global_logits(g, g.mean(dim=(2, 3))).float()
         cams_global = class_cams(g, self.global_head.weight)  # (B, C, h, w), eq. 6
         cams_region = class_cams(g, self.region_head.weight)
         boxes = region_mask(cams_global, self.cam_threshold)  # class-specific regions (B, C, h, w)
@@ -345,7 +377,7 @@ def build_model(model_cfg: ModelConfig, num_classes: int = NUM_FINDINGS, use_reg
 
     Args:
         model_cfg: backbone, pretrained / weights_path, output_stride, cam_threshold,
-            rv_pooling, normalize_embeddings.
+            rv_pooling, normalize_embeddings, global_pooling, lse_r.
         num_classes: C (14).
         use_region: pass ``cfg.loss.use_rv``: a model trained without RV scores and maps
             with W_G only at inference (its W_RV is untrained).
@@ -364,4 +396,6 @@ def build_model(model_cfg: ModelConfig, num_classes: int = NUM_FINDINGS, use_reg
         rv_pooling=model_cfg.rv_pooling,
         normalize_embeddings=model_cfg.normalize_embeddings,
         use_region=use_region,
+        global_pooling=model_cfg.global_pooling,
+        lse_r=model_cfg.lse_r,
     )
