@@ -39,9 +39,8 @@ Decisions (ours, METHOD.md):
 
 from __future__ import annotations
 
-from typing import Literal
-
 import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
