@@ -271,11 +271,15 @@ class DLRV(nn.Module):
             raise ValueError(f"expected images (B, 3, H, W), got shape {tuple(x.shape)}")
         return self.backbone(x)
 
-    def global_logits(self, g: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
-        """Global logits (B, C): W_G GAP(g) + b (eq. 1), or LSE pooling of the class maps (``"lse"``)."""
+    def global_logits(self, g: torch.Tensor, pooled: torch.Tensor, cams: torch.Tensor | None = None) -> torch.Tensor:
+        """Global logits (B, C): W_G GAP(g) + b (eq. 1), or LSE pooling of the class maps (``"lse"``).
+
+        ``cams``: the W_G class maps of g when the caller has them already (``"lse"`` only).
+        """
         if self.global_pooling == "gap":
             return self.global_head(pooled)
-        return lse_pool(class_cams(g, self.global_head.weight), self.lse_r) + self.global_head.bias.float()
+        cams = class_cams(g, self.global_head.weight) if cams is None else cams
+        return lse_pool(cams, self.lse_r) + self.global_head.bias.float()
 
     def forward_head(self, g: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Heads on a feature map; see :meth:`forward`."""
@@ -316,8 +320,8 @@ class DLRV(nn.Module):
 
     def predict_from_features(self, g: torch.Tensor) -> dict[str, torch.Tensor]:
         """Inference heads on g (B, K, h, w); see :meth:`predict`."""
-        logits = self.global_logits(g, g.mean(dim=(2, 3))).float()
         cams_global = class_cams(g, self.global_head.weight)  # (B, C, h, w), eq. 6
+        logits = self.global_logits(g, g.mean(dim=(2, 3)), cams_global).float()
         cams_region = class_cams(g, self.region_head.weight)
         boxes = region_mask(cams_global, self.cam_threshold)  # class-specific regions (B, C, h, w)
         masks = boxes.float()
