@@ -23,6 +23,8 @@ def machine(**extra: Any) -> dict[str, Any]:
                 break
     except OSError:
         pass
+    from cxrloc.malloc import malloc_state  # benchmarks put src/ on sys.path before importing this file
+
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),
@@ -33,5 +35,6 @@ def machine(**extra: Any) -> dict[str, Any]:
         "numpy": np.__version__,
         "pillow": PIL.__version__,
         "platform": platform.platform(),
+        "cpu_malloc": malloc_state(),  # tune_cpu_malloc() applied or not (cxrloc/malloc.py)
         **extra,
     }

@@ -43,6 +43,7 @@ from cxrloc.evaluate.runner import Predictions
 from cxrloc.evaluate.scoring import evaluate_predictions
 from cxrloc.fileio import atomic_write_json
 from cxrloc.labels import BOX_FINDINGS
+from cxrloc.malloc import tune_cpu_malloc
 from cxrloc.model import build_model
 from cxrloc.predict import Predictor, predict_files
 
@@ -203,6 +204,7 @@ def main() -> int:
     ap.add_argument("--skip-predict", action="store_true")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "evaluate.json")
     args = ap.parse_args()
+    tune_cpu_malloc()  # as the cxrloc command line does (cxrloc/malloc.py)
     result: dict = {"machine": machine(), "targets": {"scoring_s_max": 30, "predict_images_per_s_min": 15}}
     rng = np.random.default_rng(0)
     result["scoring"] = s = bench_scoring(rng, args.resamples)

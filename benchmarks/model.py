@@ -48,6 +48,7 @@ from _machine import machine  # noqa: E402
 
 from cxrloc.config import LossConfig, ModelConfig  # noqa: E402
 from cxrloc.fileio import atomic_write_json  # noqa: E402
+from cxrloc.malloc import tune_cpu_malloc  # noqa: E402
 from cxrloc.model import DLRVLoss, build_model  # noqa: E402
 
 VARIANTS = {  # name: (use_dl, use_rv)
@@ -239,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
+    tune_cpu_malloc()  # as the cxrloc command line does (cxrloc/malloc.py)
     backbone = "densenet-tiny" if args.quick else "densenet121"
     size = 64 if args.quick else args.image_size
     reps = 2 if args.quick else args.reps

@@ -20,6 +20,7 @@ Usage:
     .venv/bin/python benchmarks/run_all.py                 # full sizes (tens of minutes on 2 cores)
     .venv/bin/python benchmarks/run_all.py --quick         # small sizes, a sanity run
     .venv/bin/python benchmarks/run_all.py --only model train
+    .venv/bin/python benchmarks/run_all.py --only model train --merge   # replace just those entries
     .venv/bin/python benchmarks/run_all.py --render        # RESULTS.md again from results.json
 """
 
@@ -73,6 +74,12 @@ HEADLINES: dict[str, list[tuple[str, str, str, str, str, str]]] = {
         ("predict: channels_last + 2 threads + bf16, DenseNet-121 224", "predict.rows[3].images_per_s", "img/s",
          "plain fp32", "predict.rows[0].images_per_s", "rate"),
     ],
+    "malloc": [
+        ("CPU allocator tuning: DLRV training step, DenseNet-121 224, B = 16", "modes.tuned.median_s.dlrv", "s",
+         "glibc defaults", "modes.system.median_s.dlrv", "time"),
+        ("CPU allocator tuning: baseline training step, same run", "modes.tuned.median_s.baseline", "s",
+         "glibc defaults", "modes.system.median_s.baseline", "time"),
+    ],
     "mining": [
         ("pHash index (vectorised)", "phash.ours_images_per_s", "img/s", "imagehash.phash on the cache",
          "phash.imagehash_cache_images_per_s", "rate"),
@@ -115,6 +122,8 @@ def main() -> int:
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per script (default 3600)")
     ap.add_argument("--out", type=Path, default=HERE / "results.json")
     ap.add_argument("--md", type=Path, default=HERE / "RESULTS.md")
+    ap.add_argument("--merge", action="store_true",
+                    help="with --only: keep the other scripts' entries of an existing --out instead of dropping them")
     ap.add_argument("--render", action="store_true", help="only rewrite --md from an existing --out JSON")
     args = ap.parse_args()
     if args.render:
@@ -129,6 +138,8 @@ def main() -> int:
         return 1
     doc: dict[str, Any] = {"created": datetime.now(UTC).isoformat(timespec="seconds"), "quick": args.quick,
                            "machine": machine(), "benchmarks": {}}
+    if args.merge and args.out.exists():  # each entry keeps its own command, time and machine description
+        doc["benchmarks"] = json.loads(args.out.read_text())["benchmarks"]
     with tempfile.TemporaryDirectory(prefix="cxrloc-bench-") as tmp:
         for path in scripts:
             name = path.stem
@@ -198,7 +209,8 @@ def run_script(path: Path, out_json: Path, quick: bool, timeout: float) -> dict[
         except ValueError as e:
             tail += f"\n(unreadable JSON: {e})"
     return {"command": [Path(c).name if i < 2 else c for i, c in enumerate(cmd)], "returncode": rc,
-            "seconds": time.perf_counter() - t0, "output_tail": tail if rc else tail[-500:], "result": result}
+            "seconds": time.perf_counter() - t0, "finished": datetime.now(UTC).isoformat(timespec="seconds"),
+            "output_tail": tail if rc else tail[-500:], "result": result}
 
 
 # --------------------------------------------------------------------------- the table

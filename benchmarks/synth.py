@@ -31,17 +31,18 @@ from _machine import machine
 from PIL import Image
 
 from cxrloc.data.synth.cohort import plan_cohort
-from cxrloc.data.synth.generator import generate_dataset, render_job, tune_malloc
+from cxrloc.data.synth.generator import generate_dataset, render_job
 from cxrloc.data.synth.probe import linear_probe
 from cxrloc.data.synth.writer import encode_png_gray
 from cxrloc.fileio import atomic_write_json
 from cxrloc.labels import SHORT_NAMES
+from cxrloc.malloc import tune_cpu_malloc
 
 TARGET_PER_CORE = 200.0
 
 
 def speed(n_images: int, size: int) -> dict:
-    tune_malloc()
+    tune_cpu_malloc()
     jobs = plan_cohort(n_images, seed=0)
     render_job(jobs[0], size, 0)  # warm-up
     t0, c0 = time.perf_counter(), time.process_time()

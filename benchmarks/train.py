@@ -53,6 +53,7 @@ from cxrloc.config import Config, load_config  # noqa: E402
 from cxrloc.data.cache import Cache, write_cache  # noqa: E402
 from cxrloc.fileio import atomic_write_json  # noqa: E402
 from cxrloc.labels import FINDINGS  # noqa: E402
+from cxrloc.malloc import tune_cpu_malloc  # noqa: E402
 from cxrloc.mining import TripletMiner  # noqa: E402
 from cxrloc.train import read_summary, train  # noqa: E402
 from cxrloc.train.datamodule import CacheBatchDataset  # noqa: E402
@@ -283,6 +284,7 @@ def main() -> None:
                    help="also time DLRV steps with train.compile in this mode (GPU: reduce-overhead = CUDA graphs)")
     p.add_argument("--no-engine", action="store_true", help="skip the real train() epochs (part 4)")
     args = p.parse_args()
+    tune_cpu_malloc()  # as the cxrloc command line does (cxrloc/malloc.py)
     logging.basicConfig(level=logging.WARNING)
     warnings.filterwarnings("ignore")
     for name in ("lightning", "lightning.pytorch", "lightning.fabric"):

@@ -12,6 +12,7 @@ import logging
 import sys
 
 from cxrloc import __version__
+from cxrloc.malloc import tune_cpu_malloc
 
 #: subcommand name -> (module under cxrloc.commands, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -50,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose + 1, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    tune_cpu_malloc()  # large CPU tensors reuse freed memory instead of page-faulting fresh mmaps (cxrloc/malloc.py)
     try:
         return int(args._run(args) or 0)
     except KeyboardInterrupt:
