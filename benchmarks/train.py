@@ -17,7 +17,8 @@ Measured in one run, on the CPU and (when one is visible) on a CUDA GPU:
 3. DLRV / baseline time per epoch = (batches x step + mining + loading) for each, at the
    same number of anchors per epoch (both see every train image once as anchor).
 4. A real ``cxrloc.train.train`` epoch of each variant on a small synthetic cache (training
-   batches and validation timed by a callback), to check the engine adds no hidden cost.
+   batches and validation timed by a callback), to check the engine adds no hidden cost; with
+   ``--compile-mode`` also DLRV with ``train.compile`` in that mode (images/s inside Lightning).
 
 Usage:
     .venv/bin/python benchmarks/train.py            # DenseNet-121 at 224 (several minutes on 2 cores)
@@ -25,6 +26,8 @@ Usage:
     .venv/bin/python benchmarks/train.py --devices cuda --out benchmarks/results/train_gpu.json  # GPU only
     .venv/bin/python benchmarks/train.py --devices cuda --compile-mode reduce-overhead --no-engine \
         --out benchmarks/results/train_gpu_compile.json   # + DLRV steps with CUDA graphs (train.compile_mode)
+    .venv/bin/python benchmarks/train.py --devices cuda --compile-mode reduce-overhead --engine-anchors 1024
+        # + a 1,024-anchor Lightning epoch with CUDA graphs (tools/gpu_checks.sh runs this)
 Writes benchmarks/results/train.json (``--quick``: train_quick.json).
 """
 
@@ -184,8 +187,11 @@ def loading_time(size: int, repeats: int) -> dict:
 # --------------------------------------------------------------------------- 4. engine epochs
 
 
-def engine_epochs(backbone: str, size: int, n_train: int, n_val: int, device: str) -> dict[str, dict]:
-    """One real ``train()`` epoch per variant; training-batch and validation wall time."""
+def engine_epochs(backbone: str, size: int, n_train: int, n_val: int, device: str,
+                  compile_mode: str | None = None) -> dict[str, dict]:
+    """One real ``train()`` epoch per variant (with ``compile_mode`` also ``dlrv_compiled``); batch and validation
+    wall time. The steady batch time is the median after the first batch (allocator warm-up), or after the first
+    three with ``compile_mode`` (compilation, then CUDA-graph warm-up and recording)."""
     import lightning as L
 
     class EpochTimer(L.Callback):
@@ -208,8 +214,8 @@ def engine_epochs(backbone: str, size: int, n_train: int, n_val: int, device: st
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
         cache = _write_cache(Path(tmp) / "cache", n=n_train + n_val, size=size, seed=3, n_train=n_train)
-        for variant in ("baseline", "dlrv"):
-            cfg = variant_config(variant, backbone, size, device)
+        for variant in ("baseline", "dlrv") + (("dlrv_compiled",) if compile_mode else ()):
+            cfg = variant_config(variant, backbone, size, device, compile_mode)
             cfg.train.max_epochs = 1
             cfg.train.accelerator = "gpu" if device == "cuda" else "cpu"
             cfg.train.devices = "1"
@@ -222,12 +228,14 @@ def engine_epochs(backbone: str, size: int, n_train: int, n_val: int, device: st
             hist = read_summary(result.run_dir)["history"][0]
             rows = BATCH * (3 if cfg.loss.use_dl else 1)
             epoch_s = timer.t1 - timer.t0
-            steady = statistics.median(timer.batches[1:] or timer.batches)  # first batch: allocator warm-up
+            skip = 3 if variant == "dlrv_compiled" else 1
+            steady = statistics.median(timer.batches[skip:] or timer.batches)
             out[variant] = {
                 "anchors": n_train,
                 "steps": len(timer.batches),
                 "train_batches_s": epoch_s,
                 "batch_s_median_after_first": steady,
+                "first_batches_s": timer.batches[:skip],
                 "outside_batches_s": epoch_s - sum(timer.batches),  # data loading, mining, Lightning between steps
                 "validation_s": timer.t2 - timer.t1,
                 "train_call_s": total,
@@ -283,6 +291,8 @@ def main() -> None:
                    choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
                    help="also time DLRV steps with train.compile in this mode (GPU: reduce-overhead = CUDA graphs)")
     p.add_argument("--no-engine", action="store_true", help="skip the real train() epochs (part 4)")
+    p.add_argument("--engine-anchors", type=int, default=None,
+                   help="train anchors of the part-4 epochs (default: CPU 64, --quick 48; GPU 256)")
     args = p.parse_args()
     tune_cpu_malloc()  # as the cxrloc command line does (cxrloc/malloc.py)
     logging.basicConfig(level=logging.WARNING)
@@ -311,11 +321,14 @@ def main() -> None:
         results["devices"][device] = {"steps": steps, "epoch_estimate": est}
         if args.no_engine:
             continue
-        n_train = (3 * BATCH if args.quick else 4 * BATCH) if device == "cpu" else 16 * BATCH
-        engine = engine_epochs(args.backbone, args.size, n_train, BATCH, device)
+        n_train = args.engine_anchors or ((3 * BATCH if args.quick else 4 * BATCH) if device == "cpu" else 16 * BATCH)
+        engine = engine_epochs(args.backbone, args.size, n_train, BATCH, device, args.compile_mode)
         engine["ratio_dlrv_over_baseline"] = engine["dlrv"]["train_batches_s"] / engine["baseline"]["train_batches_s"]
         engine["ratio_steady_batches"] = (engine["dlrv"]["batch_s_median_after_first"]
                                           / engine["baseline"]["batch_s_median_after_first"])
+        if "dlrv_compiled" in engine:
+            engine["speedup_compiled_over_eager_steady"] = (engine["dlrv"]["batch_s_median_after_first"]
+                                                            / engine["dlrv_compiled"]["batch_s_median_after_first"])
         results["devices"][device]["engine_epoch"] = engine
     results["targets"] = {"ratio_max": TARGET_RATIO, "gpu_images_per_s_min": TARGET_GPU_IMAGES_PER_S}
     out = Path(args.out) if args.out else Path(__file__).parent / "results" / f"train{'_quick' if args.quick else ''}.json"
