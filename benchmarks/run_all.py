@@ -295,6 +295,10 @@ def markdown(doc: dict[str, Any]) -> str:
         lines += ["| " + " | ".join(row) + " |" for row in headline_rows(name, r["result"])]
     if failed:
         lines += ["", f"Did not finish: {', '.join(failed)} (see benchmarks/results.json)."]
+    kept = [name for name, r in doc["benchmarks"].items() if r.get("finished", "") < doc["created"]]
+    if kept:
+        lines += ["", f"From an earlier run (kept by `--merge`; its own machine and load are in results.json): "
+                      f"{', '.join(f'`{k}`' for k in kept)}."]
     lines += ["", "Every number, per script: `benchmarks/results.json`; commands: "
               + ", ".join(f"`{' '.join(r['command'])}`" for r in doc["benchmarks"].values()) + "."]
     return "\n".join(lines) + "\n"

@@ -25,3 +25,18 @@ def test_lookup_follows_dots_indexes_and_keys_that_hold_dots():
 def test_ratio_text_reads_the_right_way_round():
     assert "faster" in ratio_text(2.0, 4.0, "time") and "2.00x" in ratio_text(2.0, 4.0, "time")
     assert "the baseline" in ratio_text(3.9, 1.0, "cost")
+
+
+def test_markdown_names_the_entries_a_merge_kept_from_earlier_runs():
+    from run_all import markdown
+
+    machine = {"cpu": "x", "cores": 2, "python": "3.11", "torch": "2", "load_average_start": [0.1]}
+    entry = {"returncode": 0, "command": ["python", "a.py"], "result": {"speedup": 2.0}}
+    doc = {"created": "2026-11-26T05:00:00+00:00", "machine": machine,
+           "benchmarks": {"old": {**entry, "finished": "2026-11-25T01:00:00+00:00"},
+                          "legacy": dict(entry),  # written before entries had a finish time
+                          "new": {**entry, "finished": "2026-11-26T05:10:00+00:00"}}}
+    md = markdown(doc)
+    assert "From an earlier run" in md and "`old`, `legacy`." in md and "`new`" not in md.split("From an earlier run")[1]
+    doc["benchmarks"] = {"new": doc["benchmarks"]["new"]}
+    assert "From an earlier run" not in markdown(doc)
