@@ -128,11 +128,11 @@ def image_size(path: str | Path) -> tuple[int, int]:
 
 
 def resize_gray(image: np.ndarray | Image.Image, size: int) -> np.ndarray:
-    """Antialiased resize of a grayscale image to (size, size) uint8 (Lanczos, reducing_gap=2)."""
+    """Antialiased resize of a grayscale image to a writable (size, size) uint8 array (Lanczos, reducing_gap=2)."""
     im = image if isinstance(image, Image.Image) else Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8))
     if im.size != (size, size):
         im = im.resize((size, size), RESAMPLE, reducing_gap=REDUCING_GAP)
-    return np.asarray(im, dtype=np.uint8)
+    return np.array(im, dtype=np.uint8)  # a copy: torch.from_numpy warns on read-only arrays
 
 
 def scale_to_uint8(values: np.ndarray) -> np.ndarray:
