@@ -74,6 +74,10 @@ HEADLINES: dict[str, list[tuple[str, str, str, str, str, str]]] = {
         ("predict: channels_last + 2 threads + bf16, DenseNet-121 224", "predict.rows[3].images_per_s", "img/s",
          "plain fp32", "predict.rows[0].images_per_s", "rate"),
     ],
+    "export": [
+        ("export: onnxruntime on the exported graph, DenseNet-121 224, batch 16", "settings.onnxruntime.images_per_s",
+         "img/s", "PyTorch fp32", "settings.torch_fp32.images_per_s", "rate"),
+    ],
     "malloc": [
         ("CPU allocator tuning: DLRV training step, DenseNet-121 224, B = 16", "modes.tuned.median_s.dlrv", "s",
          "glibc defaults", "modes.system.median_s.dlrv", "time"),

@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("train", "train a paper variant on a prepared cache (checkpoints, logs, --resume)"),
     "evaluate": ("evaluate", "score a checkpoint on a cache split: AUC with CIs, box accuracy at IoU T, reports"),
     "predict": ("predict", "run a checkpoint on image files/folders/DICOMs: probabilities, boxes, heatmap overlays"),
+    "export": ("export", "export a checkpoint to ONNX (pixels -> probabilities and maps), verified with onnxruntime"),
     "demo": ("demo", "the whole method end to end on synthetic X-rays in minutes: synth, prepare, train, evaluate, predict, report"),
 }
 

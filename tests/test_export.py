@@ -1,0 +1,137 @@
+"""`cxrloc export`: the ONNX graph reproduces `cxrloc predict` on the real sample; metadata; failures write nothing."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from cxrloc import export as export_mod
+from cxrloc.cli import main
+from cxrloc.config import load_config
+from cxrloc.data.io import read_image_resized
+from cxrloc.data.transforms import batch_transform
+from cxrloc.evaluate.boxes import boxes_from_map
+from cxrloc.labels import FINDINGS
+from cxrloc.model import build_model, load_model, save_checkpoint
+from cxrloc.predict import Predictor, collect_inputs
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("export")
+    torch.manual_seed(0)
+    cfg = load_config("dlrv", ["model.backbone=densenet-tiny", "model.pretrained=false", "data.image_size=96"])
+    save_checkpoint(tmp / "tiny.pt", build_model(cfg.model, use_region=cfg.loss.use_rv), cfg, epoch=3, metric=0.7)
+    return tmp / "tiny.pt"
+
+
+@pytest.fixture(scope="module")
+def exported(checkpoint, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("exported")
+    assert main(["export", "--checkpoint", str(checkpoint), "--out", str(out)]) == 0
+    return out
+
+
+def _sample_pixels(sample_dir: Path, size: int = 256) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    files, _ = collect_inputs([sample_dir])
+    decoded = [read_image_resized(f, size) for f in files]
+    return np.stack([d[0] for d in decoded]), [d[1] for d in decoded]
+
+
+def _predictor(checkpoint: Path, hflip_tta: bool) -> Predictor:
+    model, cfg, _ = load_model(checkpoint)
+    return Predictor(model, cfg, hflip_tta=hflip_tta)
+
+
+@pytest.mark.parametrize("hflip_tta", [False, True])
+def test_onnx_reproduces_predict_on_the_real_sample(sample_dir, checkpoint, exported, tmp_path, hflip_tta):
+    folder = exported
+    if hflip_tta:
+        folder = tmp_path / "tta"
+        assert main(["export", "--checkpoint", str(checkpoint), "--out", str(folder), "--hflip-tta"]) == 0
+    pixels, sizes = _sample_pixels(sample_dir)
+    session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    probs, logits, cams = session.run(None, {"image": pixels[:, None].astype(np.float32)})
+    want_probs, want_cams = _predictor(checkpoint, hflip_tta).run_batch(pixels)
+    assert probs.shape == (len(pixels), 14) and cams.shape == want_cams.shape
+    np.testing.assert_allclose(probs, want_probs, atol=1e-4)
+    np.testing.assert_allclose(cams, want_cams, atol=1e-4)
+    for i, size in enumerate(sizes):  # the boxes `cxrloc predict` would draw, from the exported maps
+        for c in range(len(FINDINGS)):
+            got = boxes_from_map(cams[i, c], size, [0.5])[0]
+            want = boxes_from_map(want_cams[i, c], size, [0.5])[0]
+            np.testing.assert_allclose(got, want, atol=1.0)
+    assert json.loads((folder / "model.json").read_text())["hflip_tta"] is hflip_tta
+
+
+def test_batch_size_is_dynamic(exported):
+    session = ort.InferenceSession(str(exported / "model.onnx"), providers=["CPUExecutionProvider"])
+    for b in (1, 5):
+        probs, logits, cams = session.run(None, {"image": export_mod.verification_images(b, 256)})
+        assert probs.shape == logits.shape == (b, 14) and cams.shape[:2] == (b, 14)
+        assert np.all((0 <= probs) & (probs <= 1)) and cams.min() >= 0 and cams.max() <= 1
+
+
+def test_metadata_beside_and_inside_the_model(checkpoint, exported):
+    meta = json.loads((exported / "model.json").read_text())
+    assert meta["schema"] == export_mod.SCHEMA and meta["file"] == "model.onnx"
+    assert meta["sha256"] == hashlib.sha256((exported / "model.onnx").read_bytes()).hexdigest()
+    assert meta["model"]["sha256"] == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+    assert meta["model"]["epoch"] == 3 and meta["model"]["image_size"] == 96 and meta["findings"] == list(FINDINGS)
+    assert meta["input"]["shape"] == ["batch", 1, 256, 256] and list(meta["outputs"]) == ["probs", "logits", "cam_grid"]
+    assert meta["thresholds"] == {"decision": 0.5, "map": 0.5, "box_mode": "max_component", "region_cam_eq8": 0.8}
+    diff = meta["verification"]["max_abs_diff"]
+    assert set(diff) == {"probs", "logits", "cam_grid"} and max(diff.values()) <= export_mod.TOLERANCE
+    proto = onnx.load(str(exported / "model.onnx"))
+    onnx.checker.check_model(proto)
+    inside = json.loads({p.key: p.value for p in proto.metadata_props}["cxrloc"])
+    assert inside == {k: v for k, v in meta.items() if k != "sha256"}
+
+
+def test_the_graph_preprocesses_exactly_like_batch_transform(checkpoint):
+    model, cfg, _ = load_model(checkpoint)
+    graph = export_mod.InferenceGraph(model, cfg)
+    pixels = torch.from_numpy(export_mod.verification_images(3, 256)).round().to(torch.uint8)
+    with torch.inference_mode():
+        got = graph(pixels.float())
+        want = model.predict(batch_transform(pixels[:, 0], cfg.data, train=False))
+    torch.testing.assert_close(got[0], want["probs"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(got[2], want["cam_grid"], atol=1e-5, rtol=0)
+
+
+def test_a_disagreeing_runtime_writes_nothing(checkpoint, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(export_mod, "compare", lambda *a: {"probs": 0.0, "logits": 0.5, "cam_grid": 0.0})
+    out = tmp_path / "out"
+    assert main(["export", "--checkpoint", str(checkpoint), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert str(checkpoint) in err and "differs from PyTorch" in err and "nothing written" in err
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_missing_onnx_packages_are_named(checkpoint, tmp_path, monkeypatch):
+    real = export_mod.importlib.import_module
+
+    def fake(name, *a):
+        if name == "onnxscript":
+            raise ImportError("No module named 'onnxscript'")
+        return real(name, *a)
+
+    monkeypatch.setattr(export_mod.importlib, "import_module", fake)
+    with pytest.raises(export_mod.ExportError, match=r"needs the package 'onnxscript': pip install"):
+        export_mod.export_onnx(checkpoint, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_bad_checkpoint_is_one_clear_line(tmp_path, capsys):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    assert main(["export", "--checkpoint", str(bad), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cxrloc export: error:") and str(bad) in err and len(err.strip().splitlines()) == 1
