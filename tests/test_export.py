@@ -135,3 +135,23 @@ def test_a_bad_checkpoint_is_one_clear_line(tmp_path, capsys):
     assert main(["export", "--checkpoint", str(bad), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("cxrloc export: error:") and str(bad) in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("name", ["baseline", "dlrv_no_rv", "demo"])
+def test_other_variants_export_and_match(name, tmp_path):
+    """No RV head in use (baseline, no-RV), and the demo's LSE pooling, output stride 8 and box pooling."""
+    torch.manual_seed(1)
+    sets = ["model.pretrained=false", "data.image_size=64"]
+    if name != "demo":
+        sets.append("model.backbone=densenet-tiny")
+    cfg = load_config(name, sets)
+    save_checkpoint(tmp_path / "c.pt", build_model(cfg.model, use_region=cfg.loss.use_rv), cfg, epoch=1, metric=None)
+    meta = export_mod.export_onnx(tmp_path / "c.pt", tmp_path / "out", input_size=128)
+    assert max(meta["verification"]["max_abs_diff"].values()) <= 1e-4
+    assert meta["hflip_tta"] is cfg.eval.hflip_tta and meta["model"]["variant"] == cfg.variant
+    session = ort.InferenceSession(str(tmp_path / "out" / "model.onnx"), providers=["CPUExecutionProvider"])
+    pixels = export_mod.verification_images(2, 128, seed=7).round().astype(np.uint8)  # what a decoder gives
+    probs, _, cams = session.run(None, {"image": pixels.astype(np.float32)})
+    want_probs, want_cams = _predictor(tmp_path / "c.pt", cfg.eval.hflip_tta).run_batch(pixels[:, 0])
+    np.testing.assert_allclose(probs, want_probs, atol=1e-4)
+    np.testing.assert_allclose(cams, want_cams, atol=1e-4)
