@@ -41,11 +41,12 @@ from cxrloc.evaluate.boxes import boxes_from_map, upsample_map
 from cxrloc.evaluate.localization import cross_validate_threshold, score_boxes
 from cxrloc.evaluate.runner import Predictions
 from cxrloc.evaluate.scoring import evaluate_predictions
+from cxrloc.export import export_onnx
 from cxrloc.fileio import atomic_write_json
 from cxrloc.labels import BOX_FINDINGS
 from cxrloc.malloc import tune_cpu_malloc
-from cxrloc.model import build_model
-from cxrloc.predict import Predictor, predict_files
+from cxrloc.model import build_model, save_checkpoint
+from cxrloc.predict import Predictor, load_onnx_predictor, predict_files
 
 DEFAULT_SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "nih-cxr14"
 #: approximate prevalence per finding on the official test split (paper order)
@@ -165,6 +166,19 @@ def bench_predict(sample_dir: Path, n_images: int, batch_size: int) -> dict:
             rows.append({"setting": name, "images": len(files), "seconds": dt, "images_per_s": len(files) / dt,
                          "cpu_ms_per_image": dcpu / len(files) * 1e3})
             model.to(memory_format=torch.contiguous_format)
+        # the same network exported by `cxrloc export` and run by onnxruntime (`cxrloc predict --onnx`)
+        save_checkpoint(tmp / "model.pt", model, cfg, epoch=0, metric=None)
+        export_onnx(tmp / "model.pt", tmp / "export")
+        onnx_predictor, _ = load_onnx_predictor(tmp / "export")
+        for name, workers in (("onnxruntime (cxrloc export) + 2 decode threads", 2),):
+            predict_files(onnx_predictor, files[:batch_size], tmp / "warm", info, batch_size=batch_size,
+                          workers=workers, overlays=False, progress=False)
+            t, cpu = time.perf_counter(), time.process_time()
+            predict_files(onnx_predictor, files, tmp / "out", info, batch_size=batch_size, workers=workers,
+                          overlays=False, progress=False)
+            dt, dcpu = time.perf_counter() - t, time.process_time() - cpu
+            rows.append({"setting": name, "images": len(files), "seconds": dt, "images_per_s": len(files) / dt,
+                         "cpu_ms_per_image": dcpu / len(files) * 1e3})
         # the pieces of the fastest setting, per batch of images
         predictor = Predictor(model, cfg, channels_last=True)
         from cxrloc.predict import _decode

@@ -73,6 +73,8 @@ HEADLINES: dict[str, list[tuple[str, str, str, str, str, str]]] = {
          "scoring.per_map_ms.brute_force_label", "time"),
         ("predict: channels_last + 2 threads + bf16, DenseNet-121 224", "predict.rows[3].images_per_s", "img/s",
          "plain fp32", "predict.rows[0].images_per_s", "rate"),
+        ("predict --onnx (onnxruntime) + 2 threads, DenseNet-121 224", "predict.rows[5].images_per_s", "img/s",
+         "channels_last + 2 threads (PyTorch fp32)", "predict.rows[2].images_per_s", "rate"),
     ],
     "export": [
         ("export: onnxruntime on the exported graph, DenseNet-121 224, batch 16", "settings.onnxruntime.images_per_s",

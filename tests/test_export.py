@@ -155,3 +155,36 @@ def test_other_variants_export_and_match(name, tmp_path):
     want_probs, want_cams = _predictor(tmp_path / "c.pt", cfg.eval.hflip_tta).run_batch(pixels[:, 0])
     np.testing.assert_allclose(probs, want_probs, atol=1e-4)
     np.testing.assert_allclose(cams, want_cams, atol=1e-4)
+
+
+def test_predict_with_the_onnx_export_equals_predict_with_the_checkpoint(sample_dir, checkpoint, exported, tmp_path):
+    common = [str(sample_dir), "--threshold", "0.3", "--batch-size", "4", "--no-overlays"]
+    assert main(["predict", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "torch"), *common]) == 0
+    assert main(["predict", "--onnx", str(exported), "--out", str(tmp_path / "onnx"), *common]) == 0
+    want = json.loads((tmp_path / "torch" / "predictions.json").read_text())
+    got = json.loads((tmp_path / "onnx" / "predictions.json").read_text())
+    assert got["model"]["onnx"] == str(exported / "model.onnx") and got["model"]["sha256"] == want["model"]["sha256"]
+    assert got["settings"] == want["settings"] and len(got["images"]) == len(want["images"]) == 15
+    n_boxes = 0
+    for g, w in zip(got["images"], want["images"], strict=True):
+        assert g["file"] == w["file"] and (g["width"], g["height"]) == (w["width"], w["height"])
+        np.testing.assert_allclose(list(g["probabilities"].values()), list(w["probabilities"].values()), atol=1e-4)
+        assert [d["finding"] for d in g["detections"]] == [d["finding"] for d in w["detections"]]
+        for dg, dw in zip(g["detections"], w["detections"], strict=True):
+            for bg, bw in zip(dg["boxes"], dw["boxes"], strict=True):
+                n_boxes += 1
+                assert all(abs(bg[k] - bw[k]) <= 1.0 for k in "xywh")
+    assert n_boxes > 0
+
+
+def test_predict_refuses_a_modified_export_and_fixed_settings(exported, tmp_path, sample_dir, capsys):
+    assert main(["predict", "--onnx", str(exported), str(sample_dir), "--out", str(tmp_path / "a"), "--bf16"]) == 2
+    assert "--bf16 are fixed by the export" in capsys.readouterr().err
+    copy = tmp_path / "export"
+    copy.mkdir()
+    (copy / "model.json").write_text((exported / "model.json").read_text())
+    (copy / "model.onnx").write_bytes((exported / "model.onnx").read_bytes()[:-10])
+    assert main(["predict", "--onnx", str(copy), str(sample_dir), "--out", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert str(copy / "model.onnx") in err and "SHA-256 differs" in err
+    assert not (tmp_path / "b" / "predictions.json").exists()

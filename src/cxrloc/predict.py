@@ -1,7 +1,9 @@
 """Run a trained model on image files: probabilities (eq. 10), boxes and heatmaps (eq. 11).
 
 ``cxrloc predict --checkpoint C INPUT... --out DIR`` writes ``DIR/predictions.json`` and, per
-image, ``DIR/overlays/<name>.png`` (the image with the heatmap and labelled boxes).
+image, ``DIR/overlays/<name>.png`` (the image with the heatmap and labelled boxes). With
+``--onnx EXPORT_DIR`` instead of ``--checkpoint`` the network runs in onnxruntime on the model
+``cxrloc export`` wrote (:class:`OnnxPredictor`); everything else is the same.
 
 Inputs: image files (PNG, JPEG, TIFF, BMP, DICOM; any name) and folders (searched recursively
 for those extensions, sorted). Each image is decoded to 8-bit grayscale
@@ -16,7 +18,8 @@ JSON schema (``"schema": "cxrloc.predict/1"``)::
     {
       "schema": "cxrloc.predict/1", "cxrloc_version": str, "created": ISO time,
       "model": {"checkpoint": path, "sha256": hex, "config": name, "variant": str,
-                "epoch": int, "image_size": int, "findings": [14 names]},
+                "epoch": int, "image_size": int, "findings": [14 names],
+                ("onnx": path, "onnx_sha256": hex: with --onnx)},
       "settings": {"decision_thresholds": {finding: float}, "map_threshold": float,
                    "box_mode": str, "decode_size": int, "hflip_tta": bool},
       "images": [
@@ -39,6 +42,7 @@ probability (ours). Overlay and JSON paths are sanitised so nothing is written o
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import re
 from collections.abc import Iterator, Sequence
@@ -197,6 +201,61 @@ class Predictor:
                 "boxes": [{"x": float(b[0]), "y": float(b[1]), "w": float(b[2]), "h": float(b[3]), "score": p} for b in boxes],
             })
         return out
+
+
+@dataclass
+class OnnxPredictor(Predictor):
+    """A :class:`Predictor` that runs an exported ``model.onnx`` with onnxruntime (``cxrloc predict --onnx DIR``).
+
+    Build it with :func:`load_onnx_predictor`. The graph holds the resize, the normalisation and
+    (when exported so) the mirror-image TTA; ``decode_size`` is its input size. ``model`` and
+    ``cfg`` are None: nothing here needs PyTorch's model.
+    """
+
+    session: Any = None
+
+    def __post_init__(self) -> None:
+        self._thresholds = np.array([self.decision_thresholds[name] for name in FINDINGS])
+
+    def run_batch(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(B, S, S) uint8 -> probabilities (B, 14) and eq. 11 grid maps (B, 14, h, w), from onnxruntime."""
+        probs, cams = self.session.run(["probs", "cam_grid"], {"image": images[:, None].astype(np.float32)})
+        return probs, cams
+
+
+def load_onnx_predictor(folder: str | Path, **settings: Any) -> tuple[OnnxPredictor, dict[str, Any]]:
+    """An :class:`OnnxPredictor` for a ``cxrloc export`` folder, and the ``model`` block for the JSON.
+
+    ``settings``: ``decision_thresholds``, ``map_threshold``, ``box_mode`` (defaults: the export's
+    ``model.json``). Raises ValueError naming the file when ``model.json`` is missing or unreadable,
+    its findings differ from this cxrloc's, or ``model.onnx`` does not match its recorded SHA-256.
+    """
+    from cxrloc.export import JSON_NAME, ONNX_NAME, SCHEMA
+
+    try:
+        import onnxruntime as ort
+    except ImportError as e:
+        raise ValueError(f"--onnx {folder}: needs onnxruntime: pip install -e '.[onnx]'") from e
+
+    folder = Path(folder)
+    meta_path, onnx_path = folder / JSON_NAME, folder / ONNX_NAME
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{meta_path}: not a readable `cxrloc export` metadata file ({e})") from e
+    if meta.get("schema") != SCHEMA or meta.get("findings") != list(FINDINGS):
+        raise ValueError(f"{meta_path}: schema {meta.get('schema')!r} / findings do not match this cxrloc ({SCHEMA})")
+    if not onnx_path.is_file() or sha256_file(onnx_path) != meta.get("sha256"):
+        raise ValueError(f"{onnx_path}: missing, or its SHA-256 differs from {meta_path} (modified or truncated)")
+    thresholds = meta["thresholds"]
+    settings.setdefault("map_threshold", thresholds["map"])
+    settings.setdefault("box_mode", thresholds["box_mode"])
+    predictor = OnnxPredictor(
+        model=None, cfg=None, decode_size=int(meta["input"]["shape"][-1]), hflip_tta=bool(meta["hflip_tta"]),
+        session=ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"]), **settings,
+    )
+    info = {**meta["model"], "findings": list(FINDINGS), "onnx": str(onnx_path), "onnx_sha256": meta["sha256"]}
+    return predictor, info
 
 
 def _decode(path: Path, size: int) -> tuple[np.ndarray, tuple[int, int]]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -15,7 +16,11 @@ from cxrloc.evaluate.boxes import BOX_MODES
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="image files (PNG, JPEG, DICOM, ...) or folders")
-    p.add_argument("--checkpoint", required=True, type=Path, help="checkpoint file (e.g. RUN_DIR/checkpoints/best.pt)")
+    model = p.add_mutually_exclusive_group(required=True)
+    model.add_argument("--checkpoint", type=Path, help="checkpoint file (e.g. RUN_DIR/checkpoints/best.pt)")
+    model.add_argument("--onnx", type=Path, metavar="EXPORT_DIR",
+                       help="a `cxrloc export` folder: run its model.onnx with onnxruntime instead (needs the onnx extra; "
+                            "decode size, TTA, thresholds and box mode come from its model.json)")
     p.add_argument("--out", type=Path, default=Path("predictions"), help="output folder (default ./predictions)")
     p.add_argument("--threshold", action="append", default=[], metavar="P or FINDING=P",
                    help="decision threshold on the probability: a number for all findings, or Finding=0.3 (repeatable; default 0.5)")
@@ -36,15 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cxrloc.model.checkpoint import load_model
-    from cxrloc.predict import (
-        DEFAULT_DECODE_SIZE,
-        Predictor,
-        collect_inputs,
-        model_identity,
-        parse_thresholds,
-        predict_files,
-    )
+    from cxrloc.predict import collect_inputs, parse_thresholds, predict_files
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -52,25 +49,54 @@ def run(args: argparse.Namespace) -> int:
     files, errors = collect_inputs(args.inputs)
     for e in errors:
         print(f"warning: {e['file']}: {e['error']}")
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
-    model, cfg, ckpt = load_model(args.checkpoint, map_location=device)
-    map_threshold = cfg.eval.map_threshold if args.map_threshold is None else args.map_threshold
-    if not 0.0 < map_threshold < 1.0:
-        raise ValueError(f"--map-threshold must be in (0, 1), got {map_threshold}")
-    predictor = Predictor(
-        model, cfg, decision_thresholds=thresholds, map_threshold=map_threshold,
-        box_mode=args.box_mode or cfg.eval.box_mode, decode_size=args.decode_size or DEFAULT_DECODE_SIZE,
-        device=device, channels_last=args.channels_last, bf16=args.bf16,
-        hflip_tta=cfg.eval.hflip_tta if args.hflip_tta is None else args.hflip_tta,
-    )
-    doc = predict_files(
-        predictor, files, args.out, model_identity(args.checkpoint, cfg, ckpt), batch_size=args.batch_size,
-        workers=args.workers, overlays=not args.no_overlays, errors=errors,
-    )
+    if args.onnx is not None:
+        predictor, info = _onnx_predictor(args, thresholds)
+    else:
+        predictor, info = _torch_predictor(args, thresholds)
+    doc = predict_files(predictor, files, args.out, info, batch_size=args.batch_size, workers=args.workers,
+                        overlays=not args.no_overlays, errors=errors)
     n_det = sum(len(im["detections"]) for im in doc["images"])
     print(f"{len(doc['images'])} image(s) predicted, {n_det} detection(s), {len(doc['errors'])} error(s)")
     for e in doc["errors"]:
         print(f"  skipped {e['file']}: {e['error']}")
     print(f"wrote {args.out / 'predictions.json'}")
     return 0 if doc["images"] or not doc["errors"] else 1
+
+
+def _onnx_predictor(args: argparse.Namespace, thresholds: dict[str, float]) -> tuple[Any, dict[str, Any]]:
+    from cxrloc.predict import load_onnx_predictor
+
+    fixed = [flag for flag, given in (("--hflip-tta/--no-hflip-tta", args.hflip_tta is not None),
+                                      ("--decode-size", args.decode_size is not None), ("--bf16", args.bf16)) if given]
+    if fixed:
+        raise ValueError(f"--onnx {args.onnx}: {', '.join(fixed)} are fixed by the export (its model.json); "
+                         "export again with other settings")
+    settings: dict[str, Any] = {"decision_thresholds": thresholds}
+    if args.map_threshold is not None:
+        settings["map_threshold"] = _check_map_threshold(args.map_threshold)
+    if args.box_mode is not None:
+        settings["box_mode"] = args.box_mode
+    return load_onnx_predictor(args.onnx, **settings)
+
+
+def _check_map_threshold(value: float) -> float:
+    if not 0.0 < value < 1.0:
+        raise ValueError(f"--map-threshold must be in (0, 1), got {value}")
+    return value
+
+
+def _torch_predictor(args: argparse.Namespace, thresholds: dict[str, float]) -> tuple[Any, dict[str, Any]]:
+    from cxrloc.model.checkpoint import load_model
+    from cxrloc.predict import DEFAULT_DECODE_SIZE, Predictor, model_identity
+
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    model, cfg, ckpt = load_model(args.checkpoint, map_location=device)
+    map_threshold = _check_map_threshold(cfg.eval.map_threshold if args.map_threshold is None else args.map_threshold)
+    predictor = Predictor(
+        model, cfg, decision_thresholds=thresholds, map_threshold=map_threshold,
+        box_mode=args.box_mode or cfg.eval.box_mode, decode_size=args.decode_size or DEFAULT_DECODE_SIZE,
+        device=device, channels_last=args.channels_last, bf16=args.bf16,
+        hflip_tta=cfg.eval.hflip_tta if args.hflip_tta is None else args.hflip_tta,
+    )
+    return predictor, model_identity(args.checkpoint, cfg, ckpt)
