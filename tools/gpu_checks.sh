@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The GPU checks of the training engine (#6), as one script for a short lent-GPU session.
 #
-#   OUT=gpu-out bash tools/gpu_checks.sh        # ~8 min on an H100/H200; writes everything under $OUT
+#   OUT=gpu-out bash tools/gpu_checks.sh               # both parts, ~8 min on an H100/H200; all under $OUT
+#   OUT=gpu-out ONLY=tests bash tools/gpu_checks.sh    # part 1 only (the device tool allows 600 s a call)
+#   OUT=gpu-out ONLY=bench bash tools/gpu_checks.sh    # part 2 only
 #
 # 1. the `gpu`-marked tests of the training engine and the batched transforms (eager bf16 epoch,
 #    CUDA graphs inside `cxrloc train` against eager, GPU augmentation), with their full output;
@@ -22,12 +24,18 @@ export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH}
     "$PY" -c "import torch, lightning; print('torch', torch.__version__, 'lightning', lightning.__version__)"
 } > "$OUT/machine.txt" 2>&1
 
+ONLY=${ONLY:-tests bench}
+if [[ " $ONLY " == *" tests "* ]]; then
 timeout "${TEST_LIMIT_S:-240}" "$PY" -m pytest -m gpu -p no:cacheprovider -q -rA \
     tests/train/test_train_configs.py tests/data/test_transforms.py > "$OUT/gpu_tests.txt" 2>&1
 echo "gpu tests: exit $?" | tee -a "$OUT/machine.txt"
+tail -5 "$OUT/gpu_tests.txt"
+fi
 
+if [[ " $ONLY " == *" bench "* ]]; then
 timeout "${BENCH_LIMIT_S:-420}" "$PY" benchmarks/train.py --devices cuda --compile-mode reduce-overhead \
     --engine-anchors "${ENGINE_ANCHORS:-1024}" --out "$OUT/train_gpu_compile_engine.json" \
     > "$OUT/train_gpu_compile_engine.txt" 2>&1
 echo "train benchmark: exit $?" | tee -a "$OUT/machine.txt"
 tail -25 "$OUT/train_gpu_compile_engine.txt"
+fi
