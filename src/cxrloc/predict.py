@@ -247,14 +247,16 @@ def load_onnx_predictor(folder: str | Path, **settings: Any) -> tuple[OnnxPredic
         raise ValueError(f"{meta_path}: schema {meta.get('schema')!r} / findings do not match this cxrloc ({SCHEMA})")
     if not onnx_path.is_file() or sha256_file(onnx_path) != meta.get("sha256"):
         raise ValueError(f"{onnx_path}: missing, or its SHA-256 differs from {meta_path} (modified or truncated)")
-    thresholds = meta["thresholds"]
-    settings.setdefault("map_threshold", thresholds["map"])
-    settings.setdefault("box_mode", thresholds["box_mode"])
-    predictor = OnnxPredictor(
-        model=None, cfg=None, decode_size=int(meta["input"]["shape"][-1]), hflip_tta=bool(meta["hflip_tta"]),
-        session=ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"]), **settings,
-    )
-    info = {**meta["model"], "findings": list(FINDINGS), "onnx": str(onnx_path), "onnx_sha256": meta["sha256"]}
+    try:
+        settings.setdefault("map_threshold", float(meta["thresholds"]["map"]))
+        settings.setdefault("box_mode", meta["thresholds"]["box_mode"])
+        decode_size, hflip_tta = int(meta["input"]["shape"][-1]), bool(meta["hflip_tta"])
+        info = {**meta["model"], "findings": list(FINDINGS), "onnx": str(onnx_path), "onnx_sha256": meta["sha256"]}
+    except (KeyError, IndexError, TypeError, ValueError) as e:
+        raise ValueError(f"{meta_path}: incomplete `cxrloc export` metadata ({type(e).__name__}: {e})") from e
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    predictor = OnnxPredictor(model=None, cfg=None, decode_size=decode_size, hflip_tta=hflip_tta, session=session,
+                              **settings)
     return predictor, info
 
 

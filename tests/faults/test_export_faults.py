@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -52,7 +53,7 @@ def test_a_corrupt_checkpoint_is_one_clear_line(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("damage", ["truncated onnx", "missing metadata", "foreign metadata"])
+@pytest.mark.parametrize("damage", ["truncated onnx", "missing metadata", "foreign metadata", "incomplete metadata"])
 def test_predict_refuses_a_damaged_export(exported, synth_data, tmp_path, capsys, damage):
     copy = tmp_path / "export"
     shutil.copytree(exported, copy)
@@ -62,9 +63,14 @@ def test_predict_refuses_a_damaged_export(exported, synth_data, tmp_path, capsys
     elif damage == "missing metadata":
         (copy / "model.json").unlink()
         expected = [str(copy / "model.json"), "not a readable `cxrloc export` metadata file"]
-    else:
+    elif damage == "foreign metadata":
         (copy / "model.json").write_text('{"schema": "someone-else/1", "findings": []}')
         expected = [str(copy / "model.json"), "do not match this cxrloc"]
+    else:
+        meta = json.loads((exported / "model.json").read_text())
+        del meta["thresholds"]
+        (copy / "model.json").write_text(json.dumps(meta))
+        expected = [str(copy / "model.json"), "incomplete `cxrloc export` metadata (KeyError"]
     image = next((synth_data / "images").glob("*.png"))
     assert main(["predict", "--onnx", str(copy), str(image), "--out", str(tmp_path / "pred")]) == 2
     err = capsys.readouterr().err
