@@ -34,6 +34,7 @@ import io
 import json
 import logging
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -107,7 +108,7 @@ def _require(module: str) -> Any:
 
 
 @contextlib.contextmanager
-def _quiet_exporter() -> Any:
+def _quiet_exporter() -> Iterator[None]:
     """The exporter's INFO logs (hundreds of graph-pass lines) only at cxrloc's debug level."""
     loggers = [logging.getLogger(name) for name in ("onnx_ir", "onnxscript", "torch.onnx", "torch.export")]
     levels = [lg.level for lg in loggers]
