@@ -5,7 +5,7 @@ its mmap threshold (at most 32 MiB by default) with a fresh ``mmap`` and unmaps 
 the next step's activation of the same size page-faults and zero-fills all of its pages again.
 DenseNet-121 at 224 px has activations of up to 49 MiB (16 images) or 147 MiB (48 images: a
 DLRV triplet batch), so on 2 CPU cores a DLRV training step took 11.7 s instead of 7.7 s, with
-2.6-3.0 million page faults, and cost 4.7-4.8x a 16-image step instead of 3.0-3.4x
+2.5-3.0 million page faults, and cost 4.7-4.8x a 16-image step instead of 3.0-3.4x
 (``benchmarks/malloc.py`` measures both; the numbers are in the README).
 
 :func:`tune_cpu_malloc` raises the threshold to 1 GiB and stops trimming the heap (glibc
