@@ -124,6 +124,17 @@ def assert_trains_like_eager(eager, other, epochs: int) -> None:
 
 
 @pytest.mark.slow
+def test_reduce_overhead_mode_runs_its_step_marking_on_the_cpu(tiny_cache, tmp_path):
+    """The CUDA-graph code path of the module (step marks, ``_cudagraphs``) on the CPU, where inductor skips the
+    graphs themselves: Python-level faults show here before a GPU is lent; the GPU test above checks the graphs."""
+    base = ("dlrv", "train.max_epochs=2")
+    eager = train(fast_config(*base), tiny_cache, tmp_path / "eager", progress="none")
+    marked = train(fast_config(*base, "train.compile=true", "train.compile_mode=reduce-overhead"), tiny_cache,
+                   tmp_path / "marked", progress="none")
+    assert_trains_like_eager(eager, marked, epochs=2)
+
+
+@pytest.mark.slow
 def test_compiled_backbone_trains_like_eager_and_saves_the_same_keys(tiny_cache, tmp_path):
     """``train.compile`` (ours): the backbone pass under torch.compile; same losses, same checkpoint format."""
     eager = train(fast_config("dlrv"), tiny_cache, tmp_path / "eager", progress="none")
