@@ -154,31 +154,25 @@ def bench_predict(sample_dir: Path, n_images: int, batch_size: int) -> dict:
             ("channels_last + 2 threads + bf16", {"channels_last": True, "bf16": True}, 2, False),
             ("channels_last + 2 threads, with overlays", {"channels_last": True, "bf16": False}, 2, True),
         ]
-        rows = []
-        for name, kw, workers, overlays in settings:
-            predictor = Predictor(model, cfg, **kw)
+        def timed_row(name: str, predictor: Predictor, workers: int, overlays: bool) -> dict:
             predict_files(predictor, files[:batch_size], tmp / "warm", info, batch_size=batch_size, workers=workers,
                           overlays=False, progress=False)  # warm-up (oneDNN kernels, page cache)
             t, cpu = time.perf_counter(), time.process_time()
             predict_files(predictor, files, tmp / "out", info, batch_size=batch_size, workers=workers,
                           overlays=overlays, progress=False)
             dt, dcpu = time.perf_counter() - t, time.process_time() - cpu
-            rows.append({"setting": name, "images": len(files), "seconds": dt, "images_per_s": len(files) / dt,
-                         "cpu_ms_per_image": dcpu / len(files) * 1e3})
+            return {"setting": name, "images": len(files), "seconds": dt, "images_per_s": len(files) / dt,
+                    "cpu_ms_per_image": dcpu / len(files) * 1e3}
+
+        rows = []
+        for name, kw, workers, overlays in settings:
+            rows.append(timed_row(name, Predictor(model, cfg, **kw), workers, overlays))
             model.to(memory_format=torch.contiguous_format)
         # the same network exported by `cxrloc export` and run by onnxruntime (`cxrloc predict --onnx`)
         save_checkpoint(tmp / "model.pt", model, cfg, epoch=0, metric=None)
         export_onnx(tmp / "model.pt", tmp / "export")
-        onnx_predictor, _ = load_onnx_predictor(tmp / "export")
-        for name, workers in (("onnxruntime (cxrloc export) + 2 decode threads", 2),):
-            predict_files(onnx_predictor, files[:batch_size], tmp / "warm", info, batch_size=batch_size,
-                          workers=workers, overlays=False, progress=False)
-            t, cpu = time.perf_counter(), time.process_time()
-            predict_files(onnx_predictor, files, tmp / "out", info, batch_size=batch_size, workers=workers,
-                          overlays=False, progress=False)
-            dt, dcpu = time.perf_counter() - t, time.process_time() - cpu
-            rows.append({"setting": name, "images": len(files), "seconds": dt, "images_per_s": len(files) / dt,
-                         "cpu_ms_per_image": dcpu / len(files) * 1e3})
+        rows.append(timed_row("onnxruntime (cxrloc export) + 2 decode threads", load_onnx_predictor(tmp / "export")[0],
+                              2, False))
         # the pieces of the fastest setting, per batch of images
         predictor = Predictor(model, cfg, channels_last=True)
         from cxrloc.predict import _decode
