@@ -6,8 +6,8 @@ The exported graph is self-contained from pixels to the paper's outputs:
               the decode size of ``cxrloc predict`` and ``cxrloc prepare``)
       -> bilinear resize to the checkpoint's ``data.image_size`` and ImageNet normalisation,
          replicated to 3 channels (exactly ``cxrloc.data.transforms.batch_transform``, eval path)
-      -> ``DLRV.predict_from_features(forward_features(x))`` (with ``hflip_tta``: on x and its
-         mirror image, merged as ``DLRV.predict`` does)
+      -> ``DLRV.predict_traceable(x, hflip_tta)``: ``DLRV.predict`` (eq. 10-11, with ``hflip_tta``
+         on x and its mirror image) without inference_mode
     probs     (B, 14)  eq. 10: sigmoid(global + class-specific region logits)
     logits    (B, 14)  global logits (eq. 1, or LSE pooling when the checkpoint uses it)
     cam_grid  (B, 14, h, w)  eq. 11 maps, min-max normalised to [0, 1] on the feature grid
@@ -49,7 +49,7 @@ from cxrloc.data.transforms import DIRECT_RESAMPLE_MAX_SCALE
 from cxrloc.fileio import atomic_write_bytes, atomic_write_json, sha256_file
 from cxrloc.labels import FINDINGS
 from cxrloc.model.checkpoint import load_model
-from cxrloc.model.dlrv import DLRV, merge_hflip
+from cxrloc.model.dlrv import DLRV
 
 log = logging.getLogger(__name__)
 
@@ -91,11 +91,7 @@ class InferenceGraph(nn.Module):
             antialias = max(x.shape[-2:]) > DIRECT_RESAMPLE_MAX_SCALE * self.image_size
             x = F.interpolate(x, size=size, mode="bilinear", antialias=antialias, align_corners=False)
         x = torch.addcmul(self.shift, x, self.scale)  # (B, 1, H, W) -> (B, 3, H, W)
-        if self.hflip_tta:
-            n = x.shape[0]
-            out = merge_hflip(self.model.predict_from_features(self.model.forward_features(torch.cat([x, x.flip(-1)]))), n)
-        else:
-            out = self.model.predict_from_features(self.model.forward_features(x))
+        out = self.model.predict_traceable(x, self.hflip_tta)
         return out["probs"], out["logits"], out["cam_grid"]
 
 

@@ -365,10 +365,14 @@ class DLRV(nn.Module):
         model); use fp32 (channels_last, optionally torch.compile) for exact eq. 10 scores.
         """
         with torch.inference_mode():
-            if not hflip_tta:
-                return self.predict_from_features(self.forward_features(x))
-            both = self.predict_from_features(self.forward_features(torch.cat([x, x.flip(-1)])))
-            return merge_hflip(both, x.shape[0])
+            return self.predict_traceable(x, hflip_tta)
+
+    def predict_traceable(self, x: torch.Tensor, hflip_tta: bool = False) -> dict[str, torch.Tensor]:
+        """:meth:`predict` without ``torch.inference_mode``, so that torch.export / ONNX can trace it."""
+        if not hflip_tta:
+            return self.predict_from_features(self.forward_features(x))
+        both = self.predict_from_features(self.forward_features(torch.cat([x, x.flip(-1)])))
+        return merge_hflip(both, x.shape[0])
 
     def localization_maps(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """Eq. 11 maps for all classes, normalised on the grid, bilinearly upsampled: (B, C, H, W) in [0, 1]."""
