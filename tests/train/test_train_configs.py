@@ -7,6 +7,7 @@ import math
 import pandas as pd
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
 from train_builders import fast_config
 
 from cxrloc.config import available_configs, load_config
@@ -123,15 +124,31 @@ def assert_trains_like_eager(eager, other, epochs: int) -> None:
         assert (a - b).norm() <= 0.1 * a.norm() + 1e-3, f"{key}: eager {a[:4]} vs compiled {b[:4]}"
 
 
+class ValidationGradModes(Callback):
+    """Records (inference_mode, grad enabled) at every validation batch."""
+
+    def __init__(self) -> None:
+        self.seen: set[tuple[bool, bool]] = set()
+
+    def on_validation_batch_start(self, *args, **kwargs) -> None:
+        self.seen.add((torch.is_inference_mode_enabled(), torch.is_grad_enabled()))
+
+
 @pytest.mark.slow
 def test_reduce_overhead_mode_runs_its_step_marking_on_the_cpu(tiny_cache, tmp_path):
     """The CUDA-graph code path of the module (step marks, ``_cudagraphs``) on the CPU, where inductor skips the
-    graphs themselves: Python-level faults show here before a GPU is lent; the GPU test above checks the graphs."""
+    graphs themselves: Python-level faults show here before a GPU is lent; the GPU test above checks the graphs.
+
+    Validation inside ``fit`` runs under no_grad, not inference_mode (Lightning's fit loop does so whatever
+    ``Trainer(inference_mode=...)`` says); the compiled function relies on it: called under inference_mode and
+    then trained, it is a known CUDA-graph hazard (pytorch/pytorch#135892)."""
     base = ("dlrv", "train.max_epochs=2")
-    eager = train(fast_config(*base), tiny_cache, tmp_path / "eager", progress="none")
+    modes_eager, modes_marked = ValidationGradModes(), ValidationGradModes()
+    eager = train(fast_config(*base), tiny_cache, tmp_path / "eager", progress="none", callbacks=[modes_eager])
     marked = train(fast_config(*base, "train.compile=true", "train.compile_mode=reduce-overhead"), tiny_cache,
-                   tmp_path / "marked", progress="none")
+                   tmp_path / "marked", progress="none", callbacks=[modes_marked])
     assert_trains_like_eager(eager, marked, epochs=2)
+    assert modes_eager.seen == modes_marked.seen == {(False, False)}
 
 
 @pytest.mark.slow
