@@ -16,7 +16,6 @@ import os
 import threading
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from cxrloc.cli import main
@@ -31,7 +30,6 @@ from cxrloc.demo import (
     choose_threads,
     variant_config,
 )
-from cxrloc.demo_report import Difference, _mean_of_findings
 
 AUC_MARGIN = 0.1
 
@@ -158,20 +156,6 @@ def test_cam_threshold_of() -> None:
     assert cam_threshold_of(m) == 0.4
     m["localization"]["cross_validated"] = None
     assert cam_threshold_of(m) == 0.5
-
-
-def test_paired_difference_of_box_accuracy() -> None:
-    """Mean-of-findings accuracy difference, by hand: findings 0 and 1, unit weights."""
-    a = np.array([1, 1, 0, 1], dtype=float)  # finding 0: 2/2, finding 1: 1/2
-    b = np.array([1, 0, 0, 0], dtype=float)  # finding 0: 1/2, finding 1: 0/2
-    fidx = np.array([0, 0, 1, 1])
-    diff = _mean_of_findings(a, b, np.ones((1, 4)), fidx, 2)
-    assert diff.shape == (1,) and diff[0] == pytest.approx(((1 - 0.5) + (0.5 - 0.0)) / 2)
-    # a resample that drops finding 1's boxes leaves the mean over finding 0 only
-    diff = _mean_of_findings(a, b, np.array([[1.0, 1.0, 0.0, 0.0]]), fidx, 2)
-    assert diff[0] == pytest.approx(0.5)
-    assert Difference(0.01, -0.02, 0.04, True).within_noise
-    assert not Difference(-0.05, -0.08, -0.01, False).within_noise
 
 
 def test_demo_backbone_grids() -> None:

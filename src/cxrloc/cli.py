@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("prepare", "validate a ChestX-ray14 folder and build the resized image cache (resumable)"),
     "train": ("train", "train a paper variant on a prepared cache (checkpoints, logs, --resume)"),
     "evaluate": ("evaluate", "score a checkpoint on a cache split: AUC with CIs, box accuracy at IoU T, reports"),
+    "compare": ("compare", "put evaluated runs side by side (Table 1 / Table 3 layouts) with paired bootstrap differences"),
     "predict": ("predict", "run a checkpoint on image files/folders/DICOMs: probabilities, boxes, heatmap overlays"),
     "export": ("export", "export a checkpoint to ONNX (pixels -> probabilities and maps), verified with onnxruntime"),
     "demo": ("demo", "the whole method end to end on synthetic X-rays in minutes: synth, prepare, train, evaluate, predict, report"),

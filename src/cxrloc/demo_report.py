@@ -7,27 +7,32 @@ side by side (Table 1 and Table 3 layouts) and their differences from the full D
 where to look. The paper's numbers (METHOD.md) are shown labelled as the paper's: they are
 for DenseNet-121 on the real ChestX-ray14, not for this synthetic task.
 
-Noise in the ablation (ours): a difference is computed *paired*, on the same bootstrap
-resamples for both models. AUC: the patient-level resamples of
-:func:`cxrloc.evaluate.auc.bootstrap_auc` (same seed and split, so the same patients are drawn
-for both); box accuracy: resamples of the box images. A difference whose 95% interval holds 0
-is reported as "within noise"; the report also says whether the two models' own intervals
-overlap.
+The ablation rows and their paired differences from the full DLRV come from
+:mod:`cxrloc.evaluate.compare` (what ``cxrloc compare`` writes), on the four evaluate folders.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
+from cxrloc.evaluate.compare import (
+    DEFAULT_RESAMPLES,
+    LOC_TS,
+    TABLE3_TS,
+    Comparison,
+    compare_runs,
+    comparison_sections,
+    headline,
+    load_runs,
+)
 from cxrloc.evaluate.report import (
     PAPER_AUC_DLRV,
     PAPER_LOC_MEAN,
     PAPER_MEAN_AUC,
+    _ci,
+    _f,
     render_html,
     render_markdown,
 )
@@ -40,46 +45,27 @@ if TYPE_CHECKING:
 #: quality targets of the default demo (issue 8): mean AUC and mean box accuracy at T = 0.3
 TARGET_MEAN_AUC = 0.90
 TARGET_LOC_T03 = 0.5
-LOC_TS = ("0.1", "0.2", "0.3", "0.4", "0.5", "0.6", "0.7")
-TABLE3_TS = ("0.1", "0.3", "0.5", "0.7")
 VARIANT_LABEL = {"baseline": "Baseline (BCE only)", "dlrv_no_rv": "DLRV w/o RV", "dlrv_no_dl": "DLRV w/o DL",
                  "dlrv": "DLRV (full)"}
-PAPER_ROW = {"baseline": "DenseNet-121 baseline", "dlrv_no_rv": "DLRV w/o RV", "dlrv_no_dl": "DLRV w/o DL",
-             "dlrv": "DLRV"}
-DIFF_RESAMPLES = 1000
-
-
-@dataclass
-class Difference:
-    """A paired difference (variant minus full DLRV) with its bootstrap 95% interval."""
-
-    value: float
-    low: float
-    high: float
-    intervals_overlap: bool
-
-    @property
-    def within_noise(self) -> bool:
-        return self.low <= 0.0 <= self.high
 
 
 def write_demo_report(result: DemoResult) -> dict[str, Path]:
     """Write DIR/report.md, DIR/report.html and DIR/demo.json; return their paths."""
     out = result.out
-    diffs = ablation_differences(result) if len(result.variants) > 1 else {}
-    sections = demo_sections(result, diffs)
+    comparison = ablation_comparison(result) if len(result.variants) > 1 else None
+    sections = demo_sections(result, comparison)
     figures = _figures(result)
     paths = {"report_md": out / "report.md", "report_html": out / "report.html", "json": out / "demo.json"}
     md = render_markdown(sections, {})
     md += "\n" + "\n".join(f"## {title}\n\n![{title}]({path.relative_to(out).as_posix()})\n" for title, path in figures)
     atomic_write_text(paths["report_md"], md)
-    html = render_html(sections, {title.replace(" ", "_"): path for title, path in figures})
-    atomic_write_text(paths["report_html"], html.replace("<title>cxrloc evaluation</title>", "<title>cxrloc demo</title>"))
-    atomic_write_json(paths["json"], summary_dict(result, diffs))
+    html = render_html(sections, {title.replace(" ", "_"): path for title, path in figures}, title="cxrloc demo")
+    atomic_write_text(paths["report_html"], html)
+    atomic_write_json(paths["json"], summary_dict(result, comparison))
     return paths
 
 
-def summary_dict(result: DemoResult, diffs: dict[str, dict[str, Difference]]) -> dict[str, Any]:
+def summary_dict(result: DemoResult, comparison: Comparison | None) -> dict[str, Any]:
     """Everything the report shows, as plain JSON."""
     from cxrloc.demo import plan_dict
 
@@ -92,23 +78,9 @@ def summary_dict(result: DemoResult, diffs: dict[str, dict[str, Difference]]) ->
                     "seconds_original": s.seconds_original, "info": s.info} for s in result.stages],
         "results": {v: headline(m) for v, m in result.metrics.items()},
         "targets": targets(result) if result.plan.name == "default" else None,
-        "differences_from_dlrv": {v: {k: d.__dict__ | {"within_noise": d.within_noise} for k, d in dd.items()}
-                                  for v, dd in diffs.items()},
+        "differences_from_dlrv": {v: {k: d.to_dict() for k, d in dd.items()}
+                                  for v, dd in (comparison.differences if comparison else {}).items()},
         "overlays": [str(p) for p in result.overlays],
-    }
-
-
-def headline(m: dict[str, Any]) -> dict[str, Any]:
-    """Mean AUC (+ CI), per-finding AUC and mean box accuracy per T of one evaluate metrics.json."""
-    cls = m["classification"]
-    loc = m.get("localization", {})
-    table = (loc.get("cross_validated") or loc.get("fixed") or {}).get("iou", {}) if loc.get("available") else {}
-    return {
-        "mean_auc": cls["mean_auc"], "mean_auc_ci": [cls["mean_ci_low"], cls["mean_ci_high"]],
-        "auc": {f: cls["per_finding"][f]["auc"] for f in FINDINGS},
-        "box_accuracy_mean": {t: table.get("Mean", {}).get(t) for t in LOC_TS},
-        "box_accuracy": {f: {t: table.get(f, {}).get(t) for t in LOC_TS} for f in BOX_FINDINGS if f in table},
-        "boxes": loc.get("num_boxes", 0),
     }
 
 
@@ -123,7 +95,7 @@ def targets(result: DemoResult) -> dict[str, Any]:
 # --------------------------------------------------------------------------- sections
 
 
-def demo_sections(result: DemoResult, diffs: dict[str, dict[str, Difference]]) -> list[dict[str, Any]]:
+def demo_sections(result: DemoResult, comparison: Comparison | None) -> list[dict[str, Any]]:
     """The report as sections of text and tables (rendered by :mod:`cxrloc.evaluate.report`)."""
     m = result.machine
     h = headline(result.metrics["dlrv"])
@@ -153,8 +125,8 @@ def demo_sections(result: DemoResult, diffs: dict[str, dict[str, Difference]]) -
     })
     sections.append(_auc_section(result))
     sections.append(_loc_section(result))
-    if len(result.variants) > 1:
-        sections.extend(_ablation_sections(result, diffs))
+    if comparison is not None:
+        sections.extend(comparison_sections(comparison, labels=VARIANT_LABEL, notes=[ABLATION_BUDGET]))
     sections.append(_where_section(result))
     return sections
 
@@ -195,49 +167,6 @@ def _loc_section(result: DemoResult) -> dict[str, Any]:
             "header": ["Finding"] + [f"T={t}" for t in LOC_TS] + ["boxes"], "rows": rows}
 
 
-def _ablation_sections(result: DemoResult, diffs: dict[str, dict[str, Difference]]) -> list[dict[str, Any]]:
-    variants = result.variants
-    heads = {v: headline(result.metrics[v]) for v in variants}
-    t1 = [[VARIANT_LABEL[v]] + [_f(heads[v]["auc"][f], 3) for f in FINDINGS] + [_f(heads[v]["mean_auc"], 3),
-                                                                               _ci(*heads[v]["mean_auc_ci"])]
-          for v in variants]
-    t1 += [[f"paper: {PAPER_ROW[v]}"] + [_f(PAPER_AUC_DLRV[f], 3) if v == "dlrv" else "" for f in FINDINGS]
-           + [_f(PAPER_MEAN_AUC[PAPER_ROW[v]], 3), ""] for v in variants]
-    t3 = [[VARIANT_LABEL[v]] + [_f(heads[v]["box_accuracy_mean"].get(t), 2) for t in TABLE3_TS] for v in variants]
-    t3 += [[f"paper: {PAPER_ROW[v]}"] + [_f(PAPER_LOC_MEAN[PAPER_ROW[v]].get(float(t)), 2) for t in TABLE3_TS]
-           for v in variants if PAPER_ROW[v] in PAPER_LOC_MEAN]
-    d_rows = []
-    for v in variants:
-        if v == "dlrv":
-            continue
-        cells = [VARIANT_LABEL[v]]
-        for key in ("auc", *(f"loc@{t}" for t in TABLE3_TS)):
-            d = diffs[v][key]
-            cells.append(f"{d.value:+.3f} [{d.low:+.3f}, {d.high:+.3f}] " + ("within noise" if d.within_noise else
-                                                                            ("worse" if d.high < 0 else "better")))
-        d_rows.append(cells)
-    noise_text = [
-        "Each cell: variant minus full DLRV, paired 95% bootstrap interval (the same resamples for both models: "
-        f"{DIFF_RESAMPLES} patient resamples for AUC, {DIFF_RESAMPLES} box-image resamples for box accuracy). "
-        "**within noise** = the interval holds 0: this run cannot tell the two apart.",
-        "All four rows have the same budget: the same data, image size, backbone, epochs, learning-rate schedule, "
-        "anchors per step and seed; only the loss terms of eq. 9 differ (the rows without distance learning send "
-        "one image per anchor through the backbone instead of three, so they train faster).",
-    ]
-    overl = [f"{VARIANT_LABEL[v]}: mean-AUC intervals {'overlap' if diffs[v]['auc'].intervals_overlap else 'do not overlap'}"
-             for v in variants if v != "dlrv"]
-    if overl:
-        noise_text.append("Unpaired view: " + "; ".join(overl) + ".")
-    return [
-        {"title": "Ablation, Table 1 layout: AUC per finding", "text": [],
-         "header": ["Method"] + [SHORT_NAMES.get(f, f) for f in FINDINGS] + ["Mean", "95% CI"], "rows": t1},
-        {"title": "Ablation, Table 3 layout: mean box accuracy at IoU > T", "text": [],
-         "header": ["Method"] + [f"T={t}" for t in TABLE3_TS], "rows": t3},
-        {"title": "Differences from the full DLRV (is it noise?)", "text": noise_text,
-         "header": ["Variant", "mean AUC"] + [f"box acc T={t}" for t in TABLE3_TS], "rows": d_rows},
-    ]
-
-
 def _where_section(result: DemoResult) -> dict[str, Any]:
     rel = lambda p: f"`{Path(p).relative_to(result.out).as_posix()}`"  # noqa: E731
     rows = [
@@ -262,83 +191,22 @@ def _figures(result: DemoResult) -> list[tuple[str, Path]]:
     return figs
 
 
-# --------------------------------------------------------------------------- paired differences
+# --------------------------------------------------------------------------- the ablation
 
 
-def ablation_differences(result: DemoResult, resamples: int = DIFF_RESAMPLES, seed: int = 0) -> dict[str, dict[str, Difference]]:
-    """Variant minus full DLRV for mean AUC and mean box accuracy at T = 0.1/0.3/0.5/0.7, paired bootstrap."""
-    from cxrloc.config import Config
+ABLATION_BUDGET = (
+    "All four rows have the same budget: the same data, image size, backbone, epochs, learning-rate schedule, "
+    "anchors per step and seed; only the loss terms of eq. 9 differ (the rows without distance learning send "
+    "one image per anchor through the backbone instead of three, so they train faster)."
+)
+
+
+def ablation_comparison(result: DemoResult, resamples: int = DEFAULT_RESAMPLES, seed: int = 0) -> Comparison:
+    """Every variant minus the full DLRV (mean AUC, box accuracy at T = 0.1/0.3/0.5/0.7), paired bootstrap."""
     from cxrloc.data.cache import Cache
-    from cxrloc.evaluate.auc import bootstrap_auc
-    from cxrloc.evaluate.runner import Predictions
-    from cxrloc.evaluate.scoring import evaluate_predictions
 
-    cache = Cache(result.out / "cache")
-    auc_samples: dict[str, np.ndarray] = {}
-    correct: dict[str, np.ndarray] = {}  # (n_boxes, len(TABLE3_TS)) 0/1 with the out-of-fold CAM threshold
-    box_findings = box_images = None
-    for v in result.variants:
-        preds = Predictions.load(result.out / "evaluate" / v / "predictions.npz")
-        auc = bootstrap_auc(preds.labels, preds.probs, preds.patient_ids, n_resamples=resamples, seed=seed,
-                            keep_samples=True)
-        auc_samples[v] = np.nanmean(np.where(auc.defined[None, :], auc.samples, np.nan), axis=1)
-        eval_cfg = Config.from_dict({"eval": {**result.metrics[v]["config"].get("eval", {}), "bootstrap": 0}}).eval
-        ev = evaluate_predictions(preds, cache.boxes, eval_cfg, progress=False)
-        if ev.box_scores is not None:
-            values = ev.cv.oof_iou if ev.cv is not None else ev.box_scores.iou[:, ev.box_scores.column(eval_cfg.map_threshold)]
-            correct[v] = (values[:, None] > np.array([float(t) for t in TABLE3_TS])[None, :]).astype(np.float64)
-            box_findings, box_images = ev.box_scores.findings.astype(str), ev.box_scores.image_ids.astype(str)
-    rng = np.random.default_rng(seed)
-    weights = None
-    if box_images is not None:
-        _, img = np.unique(box_images, return_inverse=True)
-        counts = rng.multinomial(img.max() + 1, np.full(img.max() + 1, 1.0 / (img.max() + 1)), size=resamples)
-        weights = counts[:, img].astype(np.float64)  # (B, n_boxes)
-        names, fidx = np.unique(box_findings, return_inverse=True)
-    out: dict[str, dict[str, Difference]] = {}
-    for v in result.variants:
-        if v == "dlrv":
-            continue
-        d: dict[str, Difference] = {}
-        diff = auc_samples[v] - auc_samples["dlrv"]
-        ha, hd = headline(result.metrics[v]), headline(result.metrics["dlrv"])
-        overlap = ha["mean_auc_ci"][0] <= hd["mean_auc_ci"][1] and hd["mean_auc_ci"][0] <= ha["mean_auc_ci"][1]
-        d["auc"] = _difference(ha["mean_auc"] - hd["mean_auc"], diff, overlap)
-        for j, t in enumerate(TABLE3_TS):
-            if weights is None or v not in correct or "dlrv" not in correct:
-                d[f"loc@{t}"] = Difference(float("nan"), float("nan"), float("nan"), True)
-                continue
-            point = _mean_of_findings(correct[v][:, j], correct["dlrv"][:, j], np.ones((1, len(fidx))), fidx, len(names))[0]
-            samples = _mean_of_findings(correct[v][:, j], correct["dlrv"][:, j], weights, fidx, len(names))
-            d[f"loc@{t}"] = _difference(float(point), samples, overlap=True)
-        out[v] = d
-    return out
-
-
-def _mean_of_findings(a: np.ndarray, b: np.ndarray, w: np.ndarray, fidx: np.ndarray, n_findings: int) -> np.ndarray:
-    """Per resample: mean over findings of the weighted accuracy of ``a`` minus that of ``b``; (B,)."""
-    onehot = np.eye(n_findings)[fidx]  # (n, F)
-    n = w @ onehot  # (B, F) weighted box counts per finding
-    with np.errstate(invalid="ignore", divide="ignore"):
-        acc_a = (w * a) @ onehot / n
-        acc_b = (w * b) @ onehot / n
-    return np.nanmean(acc_a - acc_b, axis=1)
-
-
-def _difference(point: float, samples: np.ndarray, overlap: bool) -> Difference:
-    samples = samples[np.isfinite(samples)]
-    if not len(samples):
-        return Difference(point, float("nan"), float("nan"), overlap)
-    lo, hi = np.percentile(samples, [2.5, 97.5])
-    return Difference(float(point), float(lo), float(hi), overlap)
-
-
-def _f(value: float | None, digits: int) -> str:
-    return "n/a" if value is None or (isinstance(value, float) and np.isnan(value)) else f"{value:.{digits}f}"
-
-
-def _ci(lo: float | None, hi: float | None) -> str:
-    return "n/a" if lo is None or hi is None else f"[{lo:.3f}, {hi:.3f}]"
+    runs = load_runs([result.out / "evaluate" / v for v in result.variants], names=result.variants)
+    return compare_runs(runs, Cache(result.out / "cache").boxes, reference="dlrv", resamples=resamples, seed=seed)
 
 
 def summary_text(result: DemoResult) -> str:

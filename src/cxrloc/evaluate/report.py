@@ -264,7 +264,7 @@ def render_markdown(sections: list[Section], figures: dict[str, Path]) -> str:
     return "\n".join(lines)
 
 
-def render_html(sections: list[Section], figures: dict[str, Path]) -> str:
+def render_html(sections: list[Section], figures: dict[str, Path], title: str = "cxrloc evaluation") -> str:
     """Sections and figures (embedded as base64 PNG, so the file stands alone) as HTML."""
     def cell(text: str) -> str:
         t = html.escape(text)
@@ -288,7 +288,7 @@ def render_html(sections: list[Section], figures: dict[str, Path]) -> str:
     style = ("body{font-family:sans-serif;max-width:1200px;margin:2em auto}table{border-collapse:collapse;margin:1em 0}"
              "td,th{border:1px solid #bbb;padding:3px 8px;text-align:right}td:first-child,th:first-child{text-align:left}"
              "img{max-width:100%}")
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>cxrloc evaluation</title><style>{style}</style>"
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{style}</style>"
             f"</head><body>{''.join(body)}</body></html>\n")
 
 

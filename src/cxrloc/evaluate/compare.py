@@ -1,0 +1,447 @@
+"""Evaluated runs side by side: the paper's Table 1 and Table 3 layouts, and paired differences.
+
+``cxrloc compare EVAL_DIR... --out DIR`` reads what ``cxrloc evaluate`` wrote in each folder
+(``metrics.json``, ``predictions.npz``) and writes ``DIR/compare.md``, ``compare.html``,
+``compare.json`` and ``differences.png``:
+
+- Table 1 layout: AUC per finding, the mean and its 95% CI, one row per run, then the paper's
+  row of each variant present where the paper has one;
+- Table 3 layout: mean box accuracy at IoU > T (T = 0.1 ... 0.7), each run with its own CAM
+  threshold (cross-validated when ``evaluate`` could cross-validate it, as its report shows);
+- every run minus the reference run (default: the full DLRV when exactly one run is, else the
+  first run) in mean AUC, in mean box accuracy at T = 0.1 / 0.3 / 0.5 / 0.7 and in AUC per
+  finding, each with a paired bootstrap 95% interval; ``differences.png`` plots the AUC ones.
+
+Pairing (ours; the paper reports no intervals): both runs are scored on the same bootstrap
+resamples. AUC: resamples of patients (:func:`cxrloc.evaluate.auc.bootstrap_auc` with one seed
+draws the same patient ids for every run). Box accuracy: resamples of the box images. A difference whose interval holds 0 is "within noise": this test set cannot tell the
+two runs apart. Paired intervals are narrower than the two runs' own intervals suggest, since
+the images both runs find hard are drawn together.
+
+Runs must have been evaluated on the same cache split (same cache checksums, split and
+images); anything else is refused with the folder named.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from cxrloc import __version__
+from cxrloc.config import Config
+from cxrloc.evaluate.auc import AUCResult, bootstrap_auc
+from cxrloc.evaluate.report import (
+    PAPER_AUC_DLRV,
+    PAPER_LOC_MEAN,
+    PAPER_MEAN_AUC,
+    VARIANT_ROW,
+    Section,
+    _ci,
+    _f,
+    _save,
+    render_html,
+    render_markdown,
+    variant_of,
+)
+from cxrloc.evaluate.runner import PREDICTIONS_FILE, Predictions
+from cxrloc.evaluate.scoring import evaluate_predictions
+from cxrloc.fileio import atomic_write_json, atomic_write_text
+from cxrloc.labels import BOX_FINDINGS, FINDINGS, SHORT_NAMES
+
+log = logging.getLogger(__name__)
+
+LOC_TS = ("0.1", "0.2", "0.3", "0.4", "0.5", "0.6", "0.7")
+TABLE3_TS = ("0.1", "0.3", "0.5", "0.7")  # the paper's Table 3 columns: the differences are reported at these
+DEFAULT_RESAMPLES = 1000
+
+
+@dataclass
+class Difference:
+    """A paired difference (run minus reference) with its bootstrap 95% interval."""
+
+    value: float
+    low: float
+    high: float
+    intervals_overlap: bool = True  # the two runs' own intervals overlap (mean AUC only; True elsewhere)
+
+    @property
+    def within_noise(self) -> bool:
+        return self.low <= 0.0 <= self.high
+
+    @property
+    def verdict(self) -> str:
+        if not np.isfinite(self.low):
+            return "n/a"
+        return "within noise" if self.within_noise else ("worse" if self.high < 0 else "better")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"value": _num(self.value), "low": _num(self.low), "high": _num(self.high),
+                "intervals_overlap": self.intervals_overlap, "within_noise": self.within_noise, "verdict": self.verdict}
+
+
+@dataclass
+class EvaluatedRun:
+    """One ``cxrloc evaluate`` output folder."""
+
+    name: str
+    folder: Path
+    metrics: dict[str, Any]
+    predictions: Predictions = field(repr=False)
+
+    @property
+    def variant(self) -> str:
+        return self.metrics.get("variant") or variant_of(self.metrics.get("config", {}))
+
+
+@dataclass
+class Comparison:
+    """Everything :func:`comparison_sections` and :func:`comparison_dict` show.
+
+    Attributes:
+        runs: the runs in the order given.
+        reference: name of the run the differences are taken from.
+        resamples, seed: of the paired bootstrap.
+        differences: run -> {"auc", "loc@0.1", "loc@0.3", "loc@0.5", "loc@0.7"} -> :class:`Difference`
+            (every run but the reference).
+        finding_differences: run -> finding -> :class:`Difference` of its AUC.
+        num_boxes: ground-truth boxes scored (0 without boxes).
+    """
+
+    runs: list[EvaluatedRun]
+    reference: str
+    resamples: int
+    seed: int
+    differences: dict[str, dict[str, Difference]]
+    finding_differences: dict[str, dict[str, Difference]]
+    num_boxes: int
+
+    def run(self, name: str) -> EvaluatedRun:
+        return next(r for r in self.runs if r.name == name)
+
+
+# --------------------------------------------------------------------------- loading and checking
+
+
+def load_run(folder: str | Path, name: str | None = None) -> EvaluatedRun:
+    """Read ``metrics.json`` and ``predictions.npz`` of an evaluate folder; the name defaults to its config's name."""
+    folder = Path(folder)
+    metrics_path, preds_path = folder / "metrics.json", folder / PREDICTIONS_FILE
+    for path in (metrics_path, preds_path):
+        if not path.is_file():
+            raise ValueError(f"{folder}: no {path.name} (not a `cxrloc evaluate --out` folder, or evaluate did not finish)")
+    try:
+        metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{metrics_path}: not valid JSON ({e})") from e
+    if not isinstance(metrics, dict) or "classification" not in metrics:
+        raise ValueError(f"{metrics_path}: not a metrics.json written by `cxrloc evaluate` (no 'classification')")
+    preds = Predictions.load(preds_path)
+    return EvaluatedRun(name or metrics.get("checkpoint", {}).get("config_name") or folder.name, folder, metrics, preds)
+
+
+def load_runs(folders: Sequence[str | Path], names: Sequence[str] | None = None) -> list[EvaluatedRun]:
+    """Load two or more evaluate folders and check they scored the same images; names are made unique."""
+    if len(folders) < 2:
+        raise ValueError(f"compare needs at least two evaluated folders, got {len(folders)}")
+    if names is not None and len(names) != len(folders):
+        raise ValueError(f"{len(names)} names for {len(folders)} folders")
+    runs = [load_run(f, names[i] if names else None) for i, f in enumerate(folders)]
+    counts = Counter(r.name for r in runs)
+    for r in runs:
+        if counts[r.name] > 1:  # e.g. two dlrv runs with other seeds: tell them apart by folder
+            r.name = f"{r.name} ({r.folder.name})"
+    if len({r.name for r in runs}) < len(runs):
+        raise ValueError(f"two runs share the name {Counter(r.name for r in runs).most_common(1)[0][0]!r}; "
+                         "give each a name (--names)")
+    check_same_test_set(runs)
+    return runs
+
+
+def check_same_test_set(runs: Sequence[EvaluatedRun]) -> None:
+    """Raise ValueError naming the first run whose split, cache or images differ from the first run's."""
+    first = runs[0]
+    meta0 = first.predictions.meta
+    ids0 = set(first.predictions.image_ids.astype(str).tolist())
+    for r in runs[1:]:
+        meta = r.predictions.meta
+        if meta.get("split") != meta0.get("split"):
+            raise ValueError(f"{r.folder}: evaluated on split {meta.get('split')!r}, {first.folder} on "
+                             f"{meta0.get('split')!r}; compare runs scored on one split")
+        sha, sha0 = meta.get("cache", {}).get("sha256"), meta0.get("cache", {}).get("sha256")
+        if sha != sha0:
+            raise ValueError(f"{r.folder}: evaluated on another cache than {first.folder} (cache "
+                             f"{meta.get('cache', {}).get('root')!r} vs {meta0.get('cache', {}).get('root')!r}, "
+                             "checksums differ); compare runs scored on one cache")
+        ids = set(r.predictions.image_ids.astype(str).tolist())
+        if ids != ids0:
+            raise ValueError(f"{r.folder}: {len(ids ^ ids0)} images differ from those of {first.folder}")
+
+
+def pick_reference(runs: Sequence[EvaluatedRun], reference: str | None) -> str:
+    """``reference`` (a run name or folder), else the one full-DLRV run, else the first run."""
+    if reference is not None:
+        for r in runs:
+            if reference in (r.name, str(r.folder)) or Path(reference).resolve() == r.folder.resolve():
+                return r.name
+        raise ValueError(f"--reference {reference!r} is none of the runs: {', '.join(r.name for r in runs)}")
+    full = [r.name for r in runs if r.variant == "dlrv"]
+    return full[0] if len(full) == 1 else runs[0].name
+
+
+# --------------------------------------------------------------------------- paired differences
+
+
+def compare_runs(
+    runs: Sequence[EvaluatedRun],
+    boxes: pd.DataFrame | None,
+    reference: str | None = None,
+    resamples: int = DEFAULT_RESAMPLES,
+    seed: int = 0,
+) -> Comparison:
+    """Paired bootstrap differences of every run from the reference.
+
+    Args:
+        runs: from :func:`load_runs` (checked to share their images).
+        boxes: the cache's ground-truth boxes (``Cache.boxes``); None or empty: AUC only.
+        reference: name or folder of the reference run (see :func:`pick_reference`).
+        resamples: bootstrap resamples (patients for AUC, box images for box accuracy).
+        seed: seeds both resamplings.
+
+    Returns:
+        :class:`Comparison`.
+    """
+    if resamples < 1:
+        raise ValueError(f"resamples must be >= 1, got {resamples}")
+    ref = pick_reference(runs, reference)
+    auc: dict[str, AUCResult] = {}
+    correct: dict[str, np.ndarray] = {}  # (n_boxes, len(TABLE3_TS)) 0/1 at the run's own CAM threshold
+    box_key: tuple[np.ndarray, np.ndarray] | None = None
+    for r in runs:  # resamples are drawn by patient id and by box image id: the runs' image order does not matter
+        p = r.predictions
+        auc[r.name] = bootstrap_auc(p.labels, p.probs, p.patient_ids, n_resamples=resamples, seed=seed,
+                                    keep_samples=True)
+        if boxes is None or not len(boxes):
+            continue
+        eval_cfg = Config.from_dict({"eval": {**r.metrics.get("config", {}).get("eval", {}), "bootstrap": 0}},
+                                    source=str(r.folder / "metrics.json")).eval
+        ev = evaluate_predictions(p, boxes, eval_cfg, progress=False)
+        if ev.box_scores is None:
+            continue
+        key = (ev.box_scores.image_ids.astype(str), ev.box_scores.findings.astype(str))
+        if box_key is not None and not (np.array_equal(key[0], box_key[0]) and np.array_equal(key[1], box_key[1])):
+            raise ValueError(f"{r.folder}: its boxes differ from the other runs' (same cache expected)")
+        box_key = key
+        iou = ev.cv.oof_iou if ev.cv is not None else ev.box_scores.iou[:, ev.box_scores.column(eval_cfg.map_threshold)]
+        correct[r.name] = (iou[:, None] > np.array([float(t) for t in TABLE3_TS])[None, :]).astype(np.float64)
+
+    weights = fidx = None
+    n_findings = 0
+    if box_key is not None:
+        rng = np.random.default_rng(seed)
+        _, img = np.unique(box_key[0], return_inverse=True)
+        n_img = int(img.max()) + 1
+        counts = rng.multinomial(n_img, np.full(n_img, 1.0 / n_img), size=resamples)
+        weights = counts[:, img].astype(np.float64)  # (B, n_boxes): each box weighted by its image's draws
+        names, fidx = np.unique(box_key[1], return_inverse=True)
+        n_findings = len(names)
+
+    differences: dict[str, dict[str, Difference]] = {}
+    finding_differences: dict[str, dict[str, Difference]] = {}
+    a_ref = auc[ref]
+    for r in runs:
+        if r.name == ref:
+            continue
+        a = auc[r.name]
+        overlap = a.mean_ci_low <= a_ref.mean_ci_high and a_ref.mean_ci_low <= a.mean_ci_high
+        d = {"auc": _difference(a.mean - a_ref.mean, _mean_auc_samples(a) - _mean_auc_samples(a_ref), overlap)}
+        for j, t in enumerate(TABLE3_TS):
+            if weights is None or r.name not in correct or ref not in correct:
+                d[f"loc@{t}"] = Difference(float("nan"), float("nan"), float("nan"))
+                continue
+            point = _mean_of_findings(correct[r.name][:, j], correct[ref][:, j], np.ones((1, len(fidx))), fidx, n_findings)[0]
+            samples = _mean_of_findings(correct[r.name][:, j], correct[ref][:, j], weights, fidx, n_findings)
+            d[f"loc@{t}"] = _difference(float(point), samples)
+        differences[r.name] = d
+        finding_differences[r.name] = {
+            f: _difference(float(a.auc[c] - a_ref.auc[c]), a.samples[:, c] - a_ref.samples[:, c]) for c, f in enumerate(FINDINGS)
+        }
+    return Comparison(runs=list(runs), reference=ref, resamples=resamples, seed=seed, differences=differences,
+                      finding_differences=finding_differences, num_boxes=0 if box_key is None else len(box_key[0]))
+
+
+def _mean_auc_samples(a: AUCResult) -> np.ndarray:
+    """(B,) mean over the defined findings of each bootstrap resample."""
+    assert a.samples is not None
+    with warnings.catch_warnings():  # a resample without positives of a finding gives NaN, which is meant
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(np.where(a.defined[None, :], a.samples, np.nan), axis=1)
+
+
+def _mean_of_findings(a: np.ndarray, b: np.ndarray, w: np.ndarray, fidx: np.ndarray, n_findings: int) -> np.ndarray:
+    """Per resample: mean over findings of the weighted accuracy of ``a`` minus that of ``b``; (B,)."""
+    onehot = np.eye(n_findings)[fidx]  # (n, F)
+    n = w @ onehot  # (B, F) weighted box counts per finding
+    with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a resample without a finding's boxes: NaN, meant
+        acc_a = (w * a) @ onehot / n
+        acc_b = (w * b) @ onehot / n
+        return np.nanmean(acc_a - acc_b, axis=1)
+
+
+def _difference(point: float, samples: np.ndarray, overlap: bool = True) -> Difference:
+    samples = samples[np.isfinite(samples)]
+    if not len(samples) or not np.isfinite(point):
+        return Difference(float(point), float("nan"), float("nan"), overlap)
+    lo, hi = np.percentile(samples, [2.5, 97.5])
+    return Difference(float(point), float(lo), float(hi), overlap)
+
+
+# --------------------------------------------------------------------------- what the report shows
+
+
+def headline(m: dict[str, Any]) -> dict[str, Any]:
+    """Mean AUC (+ CI), per-finding AUC and box accuracy per T of one evaluate ``metrics.json``."""
+    cls = m["classification"]
+    loc = m.get("localization", {})
+    table = (loc.get("cross_validated") or loc.get("fixed") or {}).get("iou", {}) if loc.get("available") else {}
+    return {
+        "mean_auc": cls["mean_auc"], "mean_auc_ci": [cls["mean_ci_low"], cls["mean_ci_high"]],
+        "auc": {f: cls["per_finding"][f]["auc"] for f in FINDINGS},
+        "box_accuracy_mean": {t: table.get("Mean", {}).get(t) for t in LOC_TS},
+        "box_accuracy": {f: {t: table.get(f, {}).get(t) for t in LOC_TS} for f in BOX_FINDINGS if f in table},
+        "boxes": loc.get("num_boxes", 0),
+        "cam_threshold": "cross-validated" if loc.get("cross_validated") else (loc.get("fixed") or {}).get("cam_threshold"),
+    }
+
+
+def comparison_sections(comp: Comparison, labels: dict[str, str] | None = None,
+                        notes: Sequence[str] = ()) -> list[Section]:
+    """Table 1 and Table 3 layouts and the differences, as report sections (no title section).
+
+    ``labels`` renames runs for display; ``notes`` are added to the differences' text.
+    """
+    label = lambda name: (labels or {}).get(name, name)  # noqa: E731
+    heads = {r.name: headline(r.metrics) for r in comp.runs}
+    paper_rows = list(dict.fromkeys(VARIANT_ROW[r.variant] for r in comp.runs if r.variant in VARIANT_ROW))
+    t1 = [[label(r.name)] + [_f(heads[r.name]["auc"][f], 3) for f in FINDINGS]
+          + [_f(heads[r.name]["mean_auc"], 3), _ci(*heads[r.name]["mean_auc_ci"])] for r in comp.runs]
+    t1 += [[f"paper: {row}"] + [_f(PAPER_AUC_DLRV[f], 3) if row == "DLRV" else "" for f in FINDINGS]
+           + [_f(PAPER_MEAN_AUC.get(row), 3), ""] for row in paper_rows]
+    t3 = [[label(r.name)] + [_f(heads[r.name]["box_accuracy_mean"].get(t), 2) for t in LOC_TS]
+          + [str(heads[r.name]["cam_threshold"] or "")] for r in comp.runs]
+    t3 += [[f"paper: {row}"] + [_f(PAPER_LOC_MEAN[row].get(float(t)), 2) if float(t) in PAPER_LOC_MEAN[row] else ""
+                                for t in LOC_TS] + [""] for row in paper_rows if row in PAPER_LOC_MEAN]
+    ref = label(comp.reference)
+    d_rows = [[label(name)] + [_cell(d[k]) for k in ("auc", *(f"loc@{t}" for t in TABLE3_TS))]
+              for name, d in comp.differences.items()]
+    text = [
+        f"Each cell: run minus **{ref}**, with the paired 95% bootstrap interval (the same resamples for both runs: "
+        f"{comp.resamples} patient resamples for AUC, {comp.resamples} box-image resamples for box accuracy; "
+        f"seed {comp.seed}). **within noise** = the interval holds 0: this test set cannot tell the two apart.",
+        *notes,
+    ]
+    unpaired = [f"{label(n)}: {'overlap' if d['auc'].intervals_overlap else 'do not overlap'}"
+                for n, d in comp.differences.items()]
+    if unpaired:
+        text.append("Unpaired view, the runs' own mean-AUC intervals: " + "; ".join(unpaired) + ".")
+    f_rows = [[name] + [_cell(comp.finding_differences[n][name]) for n in comp.finding_differences] for name in FINDINGS]
+    first_col = "Method"
+    return [
+        {"title": "Table 1 layout: AUC per finding", "text": [],
+         "header": [first_col] + [SHORT_NAMES.get(f, f) for f in FINDINGS] + ["Mean", "95% CI"], "rows": t1},
+        {"title": "Table 3 layout: mean box accuracy at IoU > T",
+         "text": [f"{comp.num_boxes} ground-truth boxes; each run with its own CAM threshold (last column)."]
+         if comp.num_boxes else ["No ground-truth boxes in this split: AUC only."],
+         "header": [first_col] + [f"T={t}" for t in LOC_TS] + ["CAM threshold"], "rows": t3},
+        {"title": f"Differences from {ref} (is it noise?)", "text": text,
+         "header": ["Run", "mean AUC"] + [f"box acc T={t}" for t in TABLE3_TS], "rows": d_rows},
+        {"title": f"AUC per finding: difference from {ref}", "text": [],
+         "header": ["Finding"] + [label(n) for n in comp.finding_differences], "rows": f_rows},
+    ]
+
+
+def comparison_dict(comp: Comparison) -> dict[str, Any]:
+    """Everything the report shows, as plain JSON (NaN as null)."""
+    p0 = comp.runs[0].predictions
+    return {
+        "cxrloc_version": __version__,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "reference": comp.reference,
+        "bootstrap": {"resamples": comp.resamples, "seed": comp.seed, "paired": True,
+                      "units": {"auc": "patient", "box_accuracy": "box image"}, "confidence": 0.95},
+        "test_set": {"split": p0.meta.get("split"), "cache": p0.meta.get("cache", {}).get("root"),
+                     "images": len(p0), "patients": len(np.unique(p0.patient_ids)), "boxes": comp.num_boxes},
+        "runs": [{"name": r.name, "folder": str(r.folder), "variant": r.variant, "checkpoint": r.metrics.get("checkpoint", {}),
+                  **headline(r.metrics)} for r in comp.runs],
+        "differences": {n: {k: d.to_dict() for k, d in dd.items()} for n, dd in comp.differences.items()},
+        "auc_differences_per_finding": {n: {f: d.to_dict() for f, d in dd.items()}
+                                        for n, dd in comp.finding_differences.items()},
+    }
+
+
+def differences_figure(comp: Comparison) -> Figure:
+    """Forest plot: AUC difference from the reference per finding (and the mean), 95% paired intervals."""
+    others = list(comp.finding_differences)
+    rows = [*FINDINGS, "Mean"]
+    fig = Figure(figsize=(7, 0.35 * len(rows) + 1.2))
+    ax = fig.add_subplot(1, 1, 1)
+    step = 0.7 / max(len(others), 1)
+    for k, name in enumerate(others):
+        ds = [comp.finding_differences[name][f] for f in FINDINGS] + [comp.differences[name]["auc"]]
+        y = np.arange(len(rows))[::-1] + (k - (len(others) - 1) / 2) * step
+        v = np.array([d.value for d in ds])
+        lo, hi = np.array([d.low for d in ds]), np.array([d.high for d in ds])
+        ok = np.isfinite(v) & np.isfinite(lo)
+        ax.errorbar(v[ok], y[ok], xerr=[v[ok] - lo[ok], hi[ok] - v[ok]], fmt="o", ms=3, capsize=2, label=name)
+    ax.axvline(0.0, color="0.4", lw=0.8)
+    ax.set_yticks(np.arange(len(rows))[::-1], [SHORT_NAMES.get(f, f) for f in rows])
+    ax.set_xlabel(f"AUC minus {comp.reference} (paired 95% interval)")
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    return fig
+
+
+def write_comparison(comp: Comparison, out_dir: str | Path) -> dict[str, Path]:
+    """Write compare.md, compare.html, compare.json and differences.png (each atomically); return their paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "compare.json", "figure": out / "differences.png", "report_md": out / "compare.md",
+             "report_html": out / "compare.html"}
+    atomic_write_json(paths["json"], comparison_dict(comp))
+    _save(paths["figure"], differences_figure(comp))
+    p0 = comp.runs[0].predictions
+    intro = {"title": "cxrloc compare", "text": [
+        f"{len(comp.runs)} runs scored on the same {len(p0)} `{p0.meta.get('split')}` images of "
+        f"{len(np.unique(p0.patient_ids))} patients (cache `{p0.meta.get('cache', {}).get('root')}`); "
+        f"reference **{comp.reference}**.",
+    ], "header": ["Run", "variant", "checkpoint", "epoch", "evaluate folder"], "rows": [
+        [r.name, r.variant, f"`{r.metrics.get('checkpoint', {}).get('path', '?')}`",
+         str(r.metrics.get("checkpoint", {}).get("epoch", "?")), f"`{r.folder}`"] for r in comp.runs]}
+    sections = [intro, *comparison_sections(comp)]
+    figures = {"AUC_differences": paths["figure"]}
+    atomic_write_text(paths["report_md"], render_markdown(sections, figures))
+    atomic_write_text(paths["report_html"], render_html(sections, figures, title="cxrloc compare"))
+    return paths
+
+
+def _cell(d: Difference) -> str:
+    if not np.isfinite(d.value):
+        return "n/a"
+    if not np.isfinite(d.low):
+        return f"{d.value:+.3f}"
+    return f"{d.value:+.3f} [{d.low:+.3f}, {d.high:+.3f}] {d.verdict}"
+
+
+def _num(v: float) -> float | None:
+    return float(v) if np.isfinite(v) else None
