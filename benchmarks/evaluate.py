@@ -7,7 +7,8 @@ Measures, in one run on this machine:
    (2,797 patients), and 984 ground-truth boxes on 880 images (7 x 7 eq. 11 maps upsampled
    to 1024 x 1024) at the 20 CAM thresholds with the 10-fold threshold search; the whole of
    ``evaluate_predictions``; and the box extraction against a brute-force reference
-   (threshold the full upsampled map, ``scipy.ndimage.label``) on a subset, as a ratio.
+   (threshold the full upsampled map, ``scipy.ndimage.label``) on a subset, as a ratio; and
+   ``cxrloc compare`` of two such runs (``compare_runs``: both scored again, paired bootstrap).
 2. ``predict`` end to end (decode, network, maps, boxes, JSON) with DenseNet-121 at 224
    (random weights) on 1024 x 1024 PNGs (copies of the real sample's originals): images/s
    for a plain setting (NCHW float32, inline decoding) and faster ones (channels_last,
@@ -27,6 +28,7 @@ import shutil
 import sys
 import tempfile
 import time
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +40,7 @@ from scipy import ndimage
 from cxrloc.config import EvalConfig, load_config
 from cxrloc.evaluate.auc import bootstrap_auc
 from cxrloc.evaluate.boxes import boxes_from_map, upsample_map
+from cxrloc.evaluate.compare import EvaluatedRun, compare_runs
 from cxrloc.evaluate.localization import cross_validate_threshold, score_boxes
 from cxrloc.evaluate.runner import Predictions
 from cxrloc.evaluate.scoring import evaluate_predictions
@@ -116,6 +119,15 @@ def bench_scoring(rng: np.random.Generator, resamples: int) -> dict:
     t = time.perf_counter()
     evaluate_predictions(preds, gt, cfg, progress=False)
     res["evaluate_predictions_total_s"] = time.perf_counter() - t
+    # `cxrloc compare` of two runs on this split (the second: other scores and maps), paired bootstrap
+    other = replace(preds, probs=np.clip(preds.probs + rng.normal(0, 0.05, preds.probs.shape), 0, 1).astype(np.float32),
+                    maps=smooth_maps(rng, len(preds.map_index)), _pos=None, _map_pos=None)
+    eval_dict = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()}
+    runs = [EvaluatedRun(name, Path(name), {"variant": name, "config": {"eval": eval_dict}}, p)
+            for name, p in (("dlrv", preds), ("other", other))]
+    t = time.perf_counter()
+    compare_runs(runs, gt, resamples=resamples)
+    res["compare_two_runs_s"] = time.perf_counter() - t
     for mode in ("all", "components"):
         t = time.perf_counter()
         score_boxes(gt, preds.grid_map, preds.size_of, ts, mode, progress=False)
@@ -225,6 +237,7 @@ def main() -> int:
                        ("boxes_all_thresholds_s", "boxes (max_component) + IoU/IoBB, all CAM thresholds"),
                        ("cv_threshold_search_s", "10-fold CAM threshold search"),
                        ("evaluate_predictions_total_s", "evaluate_predictions (all of the above + tables)  [target <= 30]"),
+                       ("compare_two_runs_s", "`cxrloc compare` of two runs (paired bootstrap, both scored)"),
                        ("boxes_all_s", "boxes, mode 'all'"), ("boxes_components_s", "boxes, mode 'components'")):
         print(f"{label:58s} {s[key]:8.2f}")
     pm = s["per_map_ms"]
