@@ -9,11 +9,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from sklearn.metrics import roc_auc_score
 
 from cxrloc.cli import main
-from cxrloc.config import EvalConfig, load_config
+from cxrloc.config import EvalConfig
 from cxrloc.data.cache import write_cache
 from cxrloc.evaluate.boxes import area_coverage_grid
 from cxrloc.evaluate.compare import (
@@ -30,7 +29,6 @@ from cxrloc.evaluate.compare import (
 from cxrloc.evaluate.runner import Predictions
 from cxrloc.evaluate.scoring import evaluate_predictions
 from cxrloc.labels import BOX_FINDINGS, FINDINGS
-from cxrloc.model import build_model, save_checkpoint
 
 N, N_BOX = 120, 48
 EVAL = EvalConfig(bootstrap=50, cv_folds=4)
@@ -208,32 +206,6 @@ def test_runs_of_other_test_sets_are_refused(runs, tmp_path):
 
 
 # --------------------------------------------------------------------------- the command, on evaluated tiny models
-
-
-@pytest.fixture(scope="module")
-def evaluated(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("compare")
-    rng = np.random.default_rng(0)
-    n = 40
-    ids = [f"{i:08d}_000.png" for i in range(n)]
-    index = pd.DataFrame({"image_id": ids, "patient_id": np.arange(n) // 2, "split": ["test"] * 32 + ["train"] * 8,
-                          "orig_width": 1024, "orig_height": 1024})
-    labels = (rng.random((n, 14)) < 0.4).astype(np.uint8)
-    labels[:2] = [[1] * 14, [0] * 14]
-    for j, name in enumerate(FINDINGS):
-        index[name] = labels[:, j]
-    rows = [(ids[i], BOX_FINDINGS[i % 8], 100.0 + 20 * i, 200.0, 250.0, 220.0) for i in range(16)]
-    write_cache(tmp / "cache", rng.integers(0, 256, (n, 48, 48), dtype=np.uint8), index,
-                pd.DataFrame(rows, columns=["image_id", "finding", "x", "y", "w", "h"]))
-    folders = []
-    for seed, name in enumerate(("baseline", "dlrv")):
-        torch.manual_seed(seed)
-        cfg = load_config(name, ["model.backbone=densenet-tiny", "model.pretrained=false", "data.image_size=64"])
-        save_checkpoint(tmp / f"{name}.pt", build_model(cfg.model, use_region=cfg.loss.use_rv), cfg, epoch=1, metric=0.5)
-        folders.append(tmp / "eval" / name)
-        assert main(["evaluate", "--checkpoint", str(tmp / f"{name}.pt"), "--data", str(tmp / "cache"), "--out",
-                     str(folders[-1]), "--device", "cpu", "--bootstrap", "20", "--examples", "0", "--cv-folds", "4"]) == 0
-    return tmp, folders
 
 
 def test_compare_command_writes_the_report(evaluated, capsys):

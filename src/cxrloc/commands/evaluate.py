@@ -23,7 +23,14 @@ log = logging.getLogger(__name__)
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     defaults = EvalConfig()
-    p.add_argument("--checkpoint", required=True, type=Path, help="checkpoint file (e.g. RUN_DIR/checkpoints/best.pt)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", type=Path, help="checkpoint file (e.g. RUN_DIR/checkpoints/best.pt)")
+    source.add_argument("--predictions", type=Path, metavar="SCORES.csv",
+                        help="another model's scores instead: a CSV with image_id (or Image Index) and the 14 "
+                             "findings as columns (format: cxrloc.evaluate.external)")
+    p.add_argument("--maps", type=Path, default=None, metavar="MAPS.npz",
+                   help="with --predictions: its heatmaps (image_ids, maps (M, 14, h, w)) for the box accuracy")
+    p.add_argument("--name", default=None, help="with --predictions: the model's name in reports (default: the file's stem)")
     p.add_argument("--data", required=True, type=Path, help="prepared cache folder")
     p.add_argument("--split", default="test", choices=("train", "val", "test"), help="split to evaluate (default test)")
     p.add_argument("--out", required=True, type=Path, help="output folder")
@@ -52,6 +59,10 @@ def run(args: argparse.Namespace) -> int:
     from cxrloc.fileio import sha256_file
     from cxrloc.model.checkpoint import load_checkpoint, load_model
 
+    if args.predictions is not None:
+        return _run_external(args)
+    if args.maps is not None or args.name is not None:
+        raise ValueError("--maps and --name go with --predictions (a checkpoint makes its own maps)")
     device = _device(args.device)
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -89,17 +100,51 @@ def run(args: argparse.Namespace) -> int:
         image_loader=(lambda image_id: cache.images[cache.row(image_id)]) if args.examples > 0 else None,
         examples_per_finding=args.examples, seed=eval_cfg.seed,
     )
-    m = evaluation.metrics
+    print(f"{'reused' if reused else 'computed'} predictions for {evaluation.metrics['num_images']} images ({args.split})")
+    _print_summary(evaluation.metrics, paths)
+    return 0
+
+
+def _run_external(args: argparse.Namespace) -> int:
+    """Score another model's predictions file (see cxrloc.evaluate.external) on the cache split."""
+    from cxrloc.data.cache import Cache
+    from cxrloc.evaluate.external import external_predictions
+    from cxrloc.evaluate.report import write_report
+    from cxrloc.evaluate.runner import PREDICTIONS_FILE
+    from cxrloc.evaluate.scoring import evaluate_predictions
+
+    eval_cfg = _eval_config({}, args)
+    cache = Cache(args.data)
+    cache.verify()
+    preds = external_predictions(args.predictions, cache, args.split, args.maps, args.name)
+    ext = preds.meta["external"]
+    evaluation = evaluate_predictions(preds, cache.boxes, eval_cfg)
+    args.out.mkdir(parents=True, exist_ok=True)
+    preds.save(args.out / PREDICTIONS_FILE)  # what `cxrloc compare` reads
+    identity = {"predictions": ext, "data": {"cache": str(args.data), "split": args.split}}
+    config = {"name": ext["name"], "external": True, "eval": _eval_dict(eval_cfg)}
+    paths = write_report(
+        args.out, evaluation, preds, identity, config,
+        image_loader=(lambda image_id: cache.images[cache.row(image_id)]) if args.examples > 0 and ext["maps"] else None,
+        examples_per_finding=args.examples, seed=eval_cfg.seed,
+    )
+    print(f"scored {ext['name']} ({args.predictions}) on {evaluation.metrics['num_images']} {args.split} images"
+          + (f"; ignored columns: {', '.join(ext['ignored_columns'])}" if ext["ignored_columns"] else ""))
+    _print_summary(evaluation.metrics, paths)
+    return 0
+
+
+def _print_summary(m: dict, paths: dict) -> None:
     cls = m["classification"]
-    print(f"{'reused' if reused else 'computed'} predictions for {m['num_images']} images ({args.split})")
     print(f"mean AUC {cls['mean_auc']:.4f} [{_fmt(cls['mean_ci_low'])}, {_fmt(cls['mean_ci_high'])}]")
     loc = m["localization"]
     if loc.get("available"):
         table = (loc.get("cross_validated") or loc["fixed"])["iou"]["Mean"]
         kind = "CV threshold" if loc.get("cross_validated") else f"CAM threshold {loc['fixed']['cam_threshold']:g}"
         print(f"localization ({loc['num_boxes']} boxes, {kind}): " + "  ".join(f"T={t}: {_fmt(v)}" for t, v in table.items()))
+    else:
+        print(f"localization: not computed ({loc.get('reason')})")
     print(f"report: {paths['report_md']}")
-    return 0
 
 
 def _eval_config(stored: dict, args: argparse.Namespace) -> EvalConfig:

@@ -103,6 +103,11 @@ class EvaluatedRun:
     def variant(self) -> str:
         return self.metrics.get("variant") or variant_of(self.metrics.get("config", {}))
 
+    @property
+    def source(self) -> str:
+        """The checkpoint evaluated, or the scores file of another model."""
+        return self.metrics.get("checkpoint", {}).get("path") or self.metrics.get("predictions", {}).get("scores", "?")
+
 
 @dataclass
 class Comparison:
@@ -147,7 +152,9 @@ def load_run(folder: str | Path, name: str | None = None) -> EvaluatedRun:
     if not isinstance(metrics, dict) or "classification" not in metrics:
         raise ValueError(f"{metrics_path}: not a metrics.json written by `cxrloc evaluate` (no 'classification')")
     preds = Predictions.load(preds_path)
-    return EvaluatedRun(name or metrics.get("checkpoint", {}).get("config_name") or folder.name, folder, metrics, preds)
+    default = (metrics.get("checkpoint", {}).get("config_name") or metrics.get("predictions", {}).get("name")
+               or folder.name)
+    return EvaluatedRun(name or default, folder, metrics, preds)
 
 
 def load_runs(folders: Sequence[str | Path], names: Sequence[str] | None = None) -> list[EvaluatedRun]:
@@ -382,7 +389,7 @@ def comparison_dict(comp: Comparison) -> dict[str, Any]:
                       "units": {"auc": "patient", "box_accuracy": "box image"}, "confidence": 0.95},
         "test_set": {"split": p0.meta.get("split"), "cache": p0.meta.get("cache", {}).get("root"),
                      "images": len(p0), "patients": len(np.unique(p0.patient_ids)), "boxes": comp.num_boxes},
-        "runs": [{"name": r.name, "folder": str(r.folder), "variant": r.variant, "checkpoint": r.metrics.get("checkpoint", {}),
+        "runs": [{"name": r.name, "folder": str(r.folder), "variant": r.variant, "source": r.source,
                   **headline(r.metrics)} for r in comp.runs],
         "differences": {n: {k: d.to_dict() for k, d in dd.items()} for n, dd in comp.differences.items()},
         "auc_differences_per_finding": {n: {f: d.to_dict() for f, d in dd.items()}
@@ -425,9 +432,9 @@ def write_comparison(comp: Comparison, out_dir: str | Path) -> dict[str, Path]:
         f"{len(comp.runs)} runs scored on the same {len(p0)} `{p0.meta.get('split')}` images of "
         f"{len(np.unique(p0.patient_ids))} patients (cache `{p0.meta.get('cache', {}).get('root')}`); "
         f"reference **{comp.reference}**.",
-    ], "header": ["Run", "variant", "checkpoint", "epoch", "evaluate folder"], "rows": [
-        [r.name, r.variant, f"`{r.metrics.get('checkpoint', {}).get('path', '?')}`",
-         str(r.metrics.get("checkpoint", {}).get("epoch", "?")), f"`{r.folder}`"] for r in comp.runs]}
+    ], "header": ["Run", "variant", "checkpoint or scores", "epoch", "evaluate folder"], "rows": [
+        [r.name, r.variant, f"`{r.source}`", str(r.metrics.get("checkpoint", {}).get("epoch", "")), f"`{r.folder}`"]
+        for r in comp.runs]}
     sections = [intro, *comparison_sections(comp)]
     figures = {"AUC_differences": paths["figure"]}
     atomic_write_text(paths["report_md"], render_markdown(sections, figures))

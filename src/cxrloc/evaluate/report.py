@@ -80,6 +80,8 @@ def paper_reference(variant: str) -> dict[str, Any]:
 
 def variant_of(config: dict[str, Any]) -> str:
     """Variant name of a config dict (as in ``Config.variant``, plus the random-mining ablation)."""
+    if config.get("external"):  # another model's scores (cxrloc.evaluate.external)
+        return "external"
     loss = config.get("loss", {})
     dl, rv = loss.get("use_dl", True), loss.get("use_rv", True)
     if not dl and not rv:
@@ -165,11 +167,16 @@ def report_sections(m: dict[str, Any]) -> list[Section]:
     cls = m["classification"]
     ckpt = m.get("checkpoint", {})
     data = m.get("data", {})
+    ext = m.get("predictions")
+    what = (f"Scores of `{ext['name']}` from `{ext['scores']}` (sha256 {ext['scores_sha256'][:12]}...; maps: "
+            f"{'`' + ext['maps'] + '`' if ext.get('maps') else 'none'}), scored by `cxrloc evaluate --predictions`."
+            if ext else
+            f"Checkpoint `{ckpt.get('path', '?')}` (sha256 {str(ckpt.get('sha256', '?'))[:12]}..., config "
+            f"`{ckpt.get('config_name', '?')}`, variant `{m['variant']}`, epoch {ckpt.get('epoch', '?')}).")
     sections: list[Section] = [{
         "title": "Evaluation",
         "text": [
-            f"Checkpoint `{ckpt.get('path', '?')}` (sha256 {str(ckpt.get('sha256', '?'))[:12]}..., config "
-            f"`{ckpt.get('config_name', '?')}`, variant `{m['variant']}`, epoch {ckpt.get('epoch', '?')}).",
+            what,
             f"Data `{data.get('cache', '?')}`, split `{data.get('split', '?')}`: {m['num_images']} images of "
             f"{m['num_patients']} patients. Paper row compared with: **{paper['row']}**.",
         ],

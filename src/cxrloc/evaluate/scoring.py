@@ -104,6 +104,10 @@ def evaluate_predictions(
 def _localization(
     preds: Predictions, boxes: pd.DataFrame, cfg: EvalConfig, progress: bool
 ) -> tuple[BoxScores | None, CrossValidation | None, dict[str, Any]]:
+    external = preds.meta.get("external")
+    if external is not None and external.get("maps") is None:
+        return None, None, {"available": False, "reason": "the predictions have no maps (scores only; "
+                                                          "`cxrloc evaluate --predictions ... --maps FILE` adds them)"}
     box_images = set(preds.image_ids[preds.map_index].astype(str).tolist())
     gt = boxes[boxes["image_id"].astype(str).isin(box_images)].reset_index(drop=True) if len(boxes) else boxes
     if len(gt) == 0:
