@@ -4,6 +4,7 @@
 #   OUT=gpu-out bash tools/gpu_checks.sh               # both parts, ~8 min on an H100/H200; all under $OUT
 #   OUT=gpu-out ONLY=tests bash tools/gpu_checks.sh    # part 1 only (the device tool allows 600 s a call)
 #   OUT=gpu-out ONLY=bench bash tools/gpu_checks.sh    # part 2 only
+#   OUT=gpu-out ONLY=bench COMPILE_MODE=default bash tools/gpu_checks.sh   # part 2 without CUDA graphs
 #
 # 1. the `gpu`-marked tests of the training engine and the batched transforms (eager bf16 epoch,
 #    CUDA graphs inside `cxrloc train` against eager, GPU augmentation), with their full output;
@@ -33,9 +34,10 @@ tail -5 "$OUT/gpu_tests.txt"
 fi
 
 if [[ " $ONLY " == *" bench "* ]]; then
-timeout "${BENCH_LIMIT_S:-420}" "$PY" benchmarks/train.py --devices cuda --compile-mode reduce-overhead \
-    --engine-anchors "${ENGINE_ANCHORS:-1024}" --out "$OUT/train_gpu_compile_engine.json" \
-    > "$OUT/train_gpu_compile_engine.txt" 2>&1
-echo "train benchmark: exit $?" | tee -a "$OUT/machine.txt"
-tail -25 "$OUT/train_gpu_compile_engine.txt"
+MODE=${COMPILE_MODE:-reduce-overhead}
+timeout "${BENCH_LIMIT_S:-420}" "$PY" benchmarks/train.py --devices cuda --compile-mode "$MODE" \
+    --engine-anchors "${ENGINE_ANCHORS:-1024}" --out "$OUT/train_gpu_compile_engine_$MODE.json" \
+    > "$OUT/train_gpu_compile_engine_$MODE.txt" 2>&1
+echo "train benchmark ($MODE): exit $?" | tee -a "$OUT/machine.txt"
+tail -25 "$OUT/train_gpu_compile_engine_$MODE.txt"
 fi
