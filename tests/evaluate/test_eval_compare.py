@@ -221,6 +221,7 @@ def test_compare_command_writes_the_report(evaluated, capsys):
     doc = json.loads((out / "compare.json").read_text())
     assert doc["reference"] == "dlrv" and [r["name"] for r in doc["runs"]] == ["baseline", "dlrv"]
     assert doc["test_set"]["images"] == 32 and doc["test_set"]["boxes"] == 16
+    assert doc["protocol_differences"] == {}
     m = {f.name: json.loads((f / "metrics.json").read_text())["classification"]["mean_auc"] for f in folders}
     assert doc["differences"]["baseline"]["auc"]["value"] == pytest.approx(m["baseline"] - m["dlrv"], abs=1e-9)
     assert set(doc["differences"]["baseline"]) == {"auc", *(f"loc@{t}" for t in TABLE3_TS)}
@@ -246,3 +247,18 @@ def test_compare_command_checks_the_cache(evaluated, tmp_path, capsys):
     assert "not the cache the runs were scored on" in capsys.readouterr().err
     assert main(["compare", *map(str, folders), "--out", str(tmp_path / "o"), "--data", str(tmp_path / "nope")]) == 2
     assert "pass --data CACHE" in capsys.readouterr().err
+
+
+def test_runs_scored_differently_are_compared_with_a_note(evaluated, tmp_path):
+    """One checkpoint scored with two box modes: a legitimate comparison, but the report says what differs."""
+    tmp, folders = evaluated
+    other = tmp_path / "dlrv_all"
+    assert main(["evaluate", "--checkpoint", str(tmp / "dlrv.pt"), "--data", str(tmp / "cache"), "--out", str(other),
+                 "--device", "cpu", "--bootstrap", "20", "--examples", "0", "--cv-folds", "4", "--box-mode", "all"]) == 0
+    out = tmp_path / "cmp"
+    assert main(["compare", str(folders[1]), str(other), "--out", str(out), "--resamples", "50",
+                 "--names", "max_component,all"]) == 0
+    doc = json.loads((out / "compare.json").read_text())
+    assert doc["protocol_differences"] == {"box_mode": {"max_component": "max_component", "all": "all"}}
+    assert abs(doc["differences"]["all"]["auc"]["value"]) < 1e-12  # same scores: only the boxes differ
+    assert "**Scored differently**: `box_mode` is max_component for max_component, all for all" in (out / "compare.md").read_text()

@@ -64,6 +64,9 @@ log = logging.getLogger(__name__)
 LOC_TS = ("0.1", "0.2", "0.3", "0.4", "0.5", "0.6", "0.7")
 TABLE3_TS = ("0.1", "0.3", "0.5", "0.7")  # the paper's Table 3 columns: the differences are reported at these
 DEFAULT_RESAMPLES = 1000
+#: evaluate settings that change a run's numbers; runs that differ in one are compared with a note saying so
+#: (on purpose, e.g. one checkpoint scored with two box modes, or by mistake)
+PROTOCOL_KEYS = ("box_mode", "map_threshold", "threshold_grid", "cv_folds", "iou_thresholds", "hflip_tta", "seed")
 
 
 @dataclass
@@ -121,6 +124,7 @@ class Comparison:
             (every run but the reference).
         finding_differences: run -> finding -> :class:`Difference` of its AUC.
         num_boxes: ground-truth boxes scored (0 without boxes).
+        protocol_differences: evaluate setting -> run -> value, for the settings in which the runs differ.
     """
 
     runs: list[EvaluatedRun]
@@ -130,6 +134,7 @@ class Comparison:
     differences: dict[str, dict[str, Difference]]
     finding_differences: dict[str, dict[str, Difference]]
     num_boxes: int
+    protocol_differences: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def run(self, name: str) -> EvaluatedRun:
         return next(r for r in self.runs if r.name == name)
@@ -284,7 +289,23 @@ def compare_runs(
             f: _difference(float(a.auc[c] - a_ref.auc[c]), a.samples[:, c] - a_ref.samples[:, c]) for c, f in enumerate(FINDINGS)
         }
     return Comparison(runs=list(runs), reference=ref, resamples=resamples, seed=seed, differences=differences,
-                      finding_differences=finding_differences, num_boxes=0 if box_key is None else len(box_key[0]))
+                      finding_differences=finding_differences, num_boxes=0 if box_key is None else len(box_key[0]),
+                      protocol_differences=protocol_differences(runs))
+
+
+def protocol_differences(runs: Sequence[EvaluatedRun]) -> dict[str, dict[str, Any]]:
+    """Evaluate settings (:data:`PROTOCOL_KEYS`) that are not the same for every run: setting -> run -> value."""
+    def setting(r: EvaluatedRun, key: str) -> Any:
+        if key == "hflip_tta":  # a prediction setting: what the predictions were made with
+            return bool(r.predictions.meta.get("hflip_tta", False))
+        return r.metrics.get("config", {}).get("eval", {}).get(key)
+
+    out = {}
+    for key in PROTOCOL_KEYS:
+        values = {r.name: setting(r, key) for r in runs}
+        if len({json.dumps(v) for v in values.values()}) > 1:
+            out[key] = values
+    return out
 
 
 def _mean_auc_samples(a: AUCResult) -> np.ndarray:
@@ -364,8 +385,10 @@ def comparison_sections(comp: Comparison, labels: dict[str, str] | None = None,
         text.append("Unpaired view, the runs' own mean-AUC intervals: " + "; ".join(unpaired) + ".")
     f_rows = [[name] + [_cell(comp.finding_differences[n][name]) for n in comp.finding_differences] for name in FINDINGS]
     first_col = "Method"
+    protocol = [f"**Scored differently**: `{key}` is " + ", ".join(f"{v} for {label(n)}" for n, v in values.items())
+                + "; the differences below include that." for key, values in comp.protocol_differences.items()]
     return [
-        {"title": "Table 1 layout: AUC per finding", "text": [],
+        {"title": "Table 1 layout: AUC per finding", "text": protocol,
          "header": [first_col] + [SHORT_NAMES.get(f, f) for f in FINDINGS] + ["Mean", "95% CI"], "rows": t1},
         {"title": "Table 3 layout: mean box accuracy at IoU > T",
          "text": [f"{comp.num_boxes} ground-truth boxes; each run with its own CAM threshold (last column)."]
@@ -391,6 +414,7 @@ def comparison_dict(comp: Comparison) -> dict[str, Any]:
                      "images": len(p0), "patients": len(np.unique(p0.patient_ids)), "boxes": comp.num_boxes},
         "runs": [{"name": r.name, "folder": str(r.folder), "variant": r.variant, "source": r.source,
                   **headline(r.metrics)} for r in comp.runs],
+        "protocol_differences": comp.protocol_differences,
         "differences": {n: {k: d.to_dict() for k, d in dd.items()} for n, dd in comp.differences.items()},
         "auc_differences_per_finding": {n: {f: d.to_dict() for f, d in dd.items()}
                                         for n, dd in comp.finding_differences.items()},
