@@ -25,6 +25,7 @@ from cxrloc.evaluate.compare import (
     headline,
     load_runs,
     pick_reference,
+    seed_groups,
 )
 from cxrloc.evaluate.runner import Predictions
 from cxrloc.evaluate.scoring import evaluate_predictions
@@ -183,7 +184,8 @@ def test_runs_of_other_test_sets_are_refused(runs, tmp_path):
     _, weak, strong = runs
     a = _write_run(tmp_path / "a", weak)
     assert [r.name for r in load_runs([a, _write_run(tmp_path / "b", strong)])] == ["weak", "strong"]
-    assert [r.name for r in load_runs([a, _write_run(tmp_path / "c", weak)])] == ["weak (a)", "weak (c)"]
+    twins = load_runs([a, _write_run(tmp_path / "c", weak)])  # one config twice (seeds): one group
+    assert [(r.name, r.group) for r in twins] == [("weak (a)", "weak"), ("weak (c)", "weak")]
     with pytest.raises(ValueError, match=r"val_run: evaluated on split 'val'"):
         load_runs([a, _write_run(tmp_path / "val_run", strong, split="val")])
     with pytest.raises(ValueError, match=r"other_cache: evaluated on another cache"):
@@ -262,3 +264,21 @@ def test_runs_scored_differently_are_compared_with_a_note(evaluated, tmp_path):
     assert doc["protocol_differences"] == {"box_mode": {"max_component": "max_component", "all": "all"}}
     assert abs(doc["differences"]["all"]["auc"]["value"]) < 1e-12  # same scores: only the boxes differ
     assert "**Scored differently**: `box_mode` is max_component for max_component, all for all" in (out / "compare.md").read_text()
+
+
+def test_runs_of_one_config_show_their_spread(runs):
+    """Seeds: runs sharing a group get mean, sample SD, min and max of their headline numbers."""
+    boxes, weak, strong = runs
+    seed0 = replace(weak, name="cfg (s0)", group="cfg")
+    seed1 = replace(strong, name="cfg (s1)", group="cfg", metrics={**strong.metrics, "variant": "baseline"})
+    single = replace(strong, name="single", folder=Path("single"))
+    comp = compare_runs([seed0, seed1, single], boxes, reference="single", resamples=50)
+    groups = seed_groups(comp)
+    assert list(groups) == ["cfg"] and groups["cfg"]["runs"] == ["cfg (s0)", "cfg (s1)"]
+    a, b = headline(weak.metrics)["mean_auc"], headline(strong.metrics)["mean_auc"]
+    got = groups["cfg"]["mean_auc"]
+    assert got["mean"] == pytest.approx((a + b) / 2) and got["sd"] == pytest.approx(abs(a - b) / np.sqrt(2))
+    assert (got["min"], got["max"], got["n"]) == (min(a, b), max(a, b), 2)
+    sections = comparison_sections(comp)
+    assert sections[-1]["title"].startswith("Across runs of one config") and sections[-1]["rows"][0][:2] == ["cfg", "2"]
+    assert not seed_groups(compare_runs([weak, strong], boxes, resamples=20))

@@ -101,6 +101,10 @@ class EvaluatedRun:
     folder: Path
     metrics: dict[str, Any]
     predictions: Predictions = field(repr=False)
+    group: str = ""  # runs of one config (other seeds) share it; default: the name
+
+    def __post_init__(self) -> None:
+        self.group = self.group or self.name
 
     @property
     def variant(self) -> str:
@@ -171,8 +175,8 @@ def load_runs(folders: Sequence[str | Path], names: Sequence[str] | None = None)
     runs = [load_run(f, names[i] if names else None) for i, f in enumerate(folders)]
     counts = Counter(r.name for r in runs)
     for r in runs:
-        if counts[r.name] > 1:  # e.g. two dlrv runs with other seeds: tell them apart by folder
-            r.name = f"{r.name} ({r.folder.name})"
+        if counts[r.name] > 1:  # e.g. dlrv runs of other seeds: one group, told apart by folder
+            r.group, r.name = r.name, f"{r.name} ({r.folder.name})"
     if len({r.name for r in runs}) < len(runs):
         raise ValueError(f"two runs share the name {Counter(r.name for r in runs).most_common(1)[0][0]!r}; "
                          "give each a name (--names)")
@@ -353,6 +357,28 @@ def headline(m: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def seed_groups(comp: Comparison) -> dict[str, dict[str, Any]]:
+    """Groups of two or more runs of one config (other training seeds): the spread of their headline numbers."""
+    out = {}
+    for group in dict.fromkeys(r.group for r in comp.runs):
+        members = [r for r in comp.runs if r.group == group]
+        if len(members) < 2:
+            continue
+        heads = [headline(r.metrics) for r in members]
+        stats = {"mean_auc": _spread([h["mean_auc"] for h in heads])}
+        stats["box_accuracy_mean"] = {t: _spread([h["box_accuracy_mean"].get(t) for h in heads]) for t in TABLE3_TS}
+        out[group] = {"runs": [r.name for r in members], **stats}
+    return out
+
+
+def _spread(values: Sequence[float | None]) -> dict[str, float | None]:
+    """Mean, sample standard deviation, min and max of the values that exist (None where fewer than two)."""
+    v = np.array([x for x in values if x is not None and np.isfinite(x)], dtype=np.float64)
+    if len(v) < 2:
+        return {"mean": None, "sd": None, "min": None, "max": None, "n": int(len(v))}
+    return {"mean": float(v.mean()), "sd": float(v.std(ddof=1)), "min": float(v.min()), "max": float(v.max()), "n": int(len(v))}
+
+
 def comparison_sections(comp: Comparison, labels: dict[str, str] | None = None,
                         notes: Sequence[str] = ()) -> list[Section]:
     """Table 1 and Table 3 layouts and the differences, as report sections (no title section).
@@ -383,7 +409,12 @@ def comparison_sections(comp: Comparison, labels: dict[str, str] | None = None,
                 for n, d in comp.differences.items()]
     if unpaired:
         text.append("Unpaired view, the runs' own mean-AUC intervals: " + "; ".join(unpaired) + ".")
+    text.append("The intervals cover the sampling of the test set only, not the spread between training runs "
+                "(seeds, data order); give runs of other seeds too to see that spread (a section then lists it).")
     f_rows = [[name] + [_cell(comp.finding_differences[n][name]) for n in comp.finding_differences] for name in FINDINGS]
+    groups = seed_groups(comp)
+    g_rows = [[g, str(len(s["runs"]))] + [_sd_cell(s["mean_auc"], 3)] + [_sd_cell(s["box_accuracy_mean"][t], 2)
+                                         for t in TABLE3_TS] for g, s in groups.items()]
     first_col = "Method"
     protocol = [f"**Scored differently**: `{key}` is " + ", ".join(f"{v} for {label(n)}" for n, v in values.items())
                 + "; the differences below include that." for key, values in comp.protocol_differences.items()]
@@ -398,7 +429,10 @@ def comparison_sections(comp: Comparison, labels: dict[str, str] | None = None,
          "header": ["Run", "mean AUC"] + [f"box acc T={t}" for t in TABLE3_TS], "rows": d_rows},
         {"title": f"AUC per finding: difference from {ref}", "text": [],
          "header": ["Finding"] + [label(n) for n in comp.finding_differences], "rows": f_rows},
-    ]
+    ] + ([{"title": "Across runs of one config (training seeds)",
+           "text": ["Mean ± sample standard deviation [min, max] over the runs of each config given more than once."],
+           "header": ["Config", "runs", "mean AUC"] + [f"box acc T={t}" for t in TABLE3_TS], "rows": g_rows}]
+         if groups else [])
 
 
 def comparison_dict(comp: Comparison) -> dict[str, Any]:
@@ -412,9 +446,10 @@ def comparison_dict(comp: Comparison) -> dict[str, Any]:
                       "units": {"auc": "patient", "box_accuracy": "box image"}, "confidence": 0.95},
         "test_set": {"split": p0.meta.get("split"), "cache": p0.meta.get("cache", {}).get("root"),
                      "images": len(p0), "patients": len(np.unique(p0.patient_ids)), "boxes": comp.num_boxes},
-        "runs": [{"name": r.name, "folder": str(r.folder), "variant": r.variant, "source": r.source,
+        "runs": [{"name": r.name, "group": r.group, "folder": str(r.folder), "variant": r.variant, "source": r.source,
                   **headline(r.metrics)} for r in comp.runs],
         "protocol_differences": comp.protocol_differences,
+        "seed_groups": seed_groups(comp),
         "differences": {n: {k: d.to_dict() for k, d in dd.items()} for n, dd in comp.differences.items()},
         "auc_differences_per_finding": {n: {f: d.to_dict() for f, d in dd.items()}
                                         for n, dd in comp.finding_differences.items()},
@@ -464,6 +499,12 @@ def write_comparison(comp: Comparison, out_dir: str | Path) -> dict[str, Path]:
     atomic_write_text(paths["report_md"], render_markdown(sections, figures))
     atomic_write_text(paths["report_html"], render_html(sections, figures, title="cxrloc compare"))
     return paths
+
+
+def _sd_cell(s: dict[str, float | None], digits: int) -> str:
+    if s["mean"] is None:
+        return "n/a"
+    return f"{s['mean']:.{digits}f} ± {s['sd']:.{digits}f} [{s['min']:.{digits}f}, {s['max']:.{digits}f}]"
 
 
 def _cell(d: Difference) -> str:
