@@ -3,7 +3,8 @@
 Writes to --out: predictions.npz (network outputs, reused on reruns with the same checkpoint
 and cache), metrics.json, report.md, report.html, roc_curves.png, localization_accuracy.png and
 examples.png. Rerun with other --box-mode / --map-threshold / --bootstrap / --cv-folds to
-re-score without running the network again.
+re-score without running the network again. With --predictions SCORES.csv [--maps MAPS.npz]
+instead of --checkpoint, another model's outputs are scored the same way (cxrloc.evaluate.external).
 """
 
 from __future__ import annotations

@@ -25,7 +25,6 @@ images); anything else is refused with the folder named.
 from __future__ import annotations
 
 import json
-import logging
 import warnings
 from collections import Counter
 from collections.abc import Sequence
@@ -58,8 +57,6 @@ from cxrloc.evaluate.runner import PREDICTIONS_FILE, Predictions
 from cxrloc.evaluate.scoring import evaluate_predictions
 from cxrloc.fileio import atomic_write_json, atomic_write_text
 from cxrloc.labels import BOX_FINDINGS, FINDINGS, SHORT_NAMES
-
-log = logging.getLogger(__name__)
 
 LOC_TS = ("0.1", "0.2", "0.3", "0.4", "0.5", "0.6", "0.7")
 TABLE3_TS = ("0.1", "0.3", "0.5", "0.7")  # the paper's Table 3 columns: the differences are reported at these
