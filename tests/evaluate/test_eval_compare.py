@@ -282,3 +282,21 @@ def test_runs_of_one_config_show_their_spread(runs):
     sections = comparison_sections(comp)
     assert sections[-1]["title"].startswith("Across runs of one config") and sections[-1]["rows"][0][:2] == ["cfg", "2"]
     assert not seed_groups(compare_runs([weak, strong], boxes, resamples=20))
+
+
+def test_the_readme_comparison_example_runs(evaluated, capsys):
+    """The README's "Python API" comparison example, as written (only the paths swapped in)."""
+    import re
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("\n## Python API\n", 1)[1].split("\n## ", 1)[0]
+    code = re.findall(r"```python\n(.*?)```", section, flags=re.S)[2]
+    tmp, (baseline, dlrv) = evaluated
+    for old, new in (('"eval/baseline"', repr(str(baseline))), ('"eval/dlrv"', repr(str(dlrv))),
+                     ('"cache-256"', repr(str(tmp / "cache"))), ("resamples=1000", "resamples=50")):
+        assert old in code, f"the README example no longer contains {old!r}"
+        code = code.replace(old, new)
+    ns: dict = {}
+    exec(compile(code, "README.md (comparison example)", "exec"), ns)
+    assert ns["comparison"].reference == "dlrv" and ns["d"].verdict in ("better", "worse", "within noise")
+    assert capsys.readouterr().out.strip().endswith(ns["d"].verdict)

@@ -27,7 +27,7 @@ def swap(code: str, old: str, new: str) -> str:
 
 
 def test_the_python_api_examples_run(tiny_cache, tmp_path):
-    infer, training = api_blocks()
+    infer, training, _compare = api_blocks()  # the comparison example runs in tests/evaluate/test_eval_compare.py
     run_dir = tmp_path / "run"
     code = swap(training, '"cache-256"', repr(str(tiny_cache)))
     code = swap(code, '"runs/dlrv_2ep"', repr(str(run_dir)))
