@@ -412,24 +412,27 @@ def comparison_sections(comp: Comparison, labels: dict[str, str] | None = None,
     groups = seed_groups(comp)
     g_rows = [[g, str(len(s["runs"]))] + [_sd_cell(s["mean_auc"], 3)] + [_sd_cell(s["box_accuracy_mean"][t], 2)
                                          for t in TABLE3_TS] for g, s in groups.items()]
-    first_col = "Method"
     protocol = [f"**Scored differently**: `{key}` is " + ", ".join(f"{v} for {label(n)}" for n, v in values.items())
                 + "; the differences below include that." for key, values in comp.protocol_differences.items()]
-    return [
+    sections = [
         {"title": "Table 1 layout: AUC per finding", "text": protocol,
-         "header": [first_col] + [SHORT_NAMES.get(f, f) for f in FINDINGS] + ["Mean", "95% CI"], "rows": t1},
+         "header": ["Method"] + [SHORT_NAMES.get(f, f) for f in FINDINGS] + ["Mean", "95% CI"], "rows": t1},
         {"title": "Table 3 layout: mean box accuracy at IoU > T",
          "text": [f"{comp.num_boxes} ground-truth boxes; each run with its own CAM threshold (last column)."]
          if comp.num_boxes else ["No ground-truth boxes in this split: AUC only."],
-         "header": [first_col] + [f"T={t}" for t in LOC_TS] + ["CAM threshold"], "rows": t3},
+         "header": ["Method"] + [f"T={t}" for t in LOC_TS] + ["CAM threshold"], "rows": t3},
         {"title": f"Differences from {ref} (is it noise?)", "text": text,
          "header": ["Run", "mean AUC"] + [f"box acc T={t}" for t in TABLE3_TS], "rows": d_rows},
         {"title": f"AUC per finding: difference from {ref}", "text": [],
          "header": ["Finding"] + [label(n) for n in comp.finding_differences], "rows": f_rows},
-    ] + ([{"title": "Across runs of one config (training seeds)",
-           "text": ["Mean ± sample standard deviation [min, max] over the runs of each config given more than once."],
-           "header": ["Config", "runs", "mean AUC"] + [f"box acc T={t}" for t in TABLE3_TS], "rows": g_rows}]
-         if groups else [])
+    ]
+    if groups:
+        sections.append({"title": "Across runs of one config (training seeds)",
+                         "text": ["Mean ± sample standard deviation [min, max] over the runs of each config given "
+                                  "more than once."],
+                         "header": ["Config", "runs", "mean AUC"] + [f"box acc T={t}" for t in TABLE3_TS],
+                         "rows": g_rows})
+    return sections
 
 
 def comparison_dict(comp: Comparison) -> dict[str, Any]:
