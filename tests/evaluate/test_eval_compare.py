@@ -98,7 +98,7 @@ def test_identical_runs_differ_by_exactly_zero(runs):
 
 
 def test_image_order_does_not_change_the_comparison(runs):
-    """Resamples are drawn by patient id and box image id: a copy in another image order (maps too) pairs the same."""
+    """Resamples are drawn by patient id: a copy in another image order (maps stored in another order too) pairs the same."""
     boxes, weak, strong = runs
     a = compare_runs([weak, strong], boxes, reference="strong", resamples=200)
     shuffled = replace(weak, predictions=_shuffled(weak.predictions, seed=5))
@@ -300,3 +300,20 @@ def test_the_readme_comparison_example_runs(evaluated, capsys):
     exec(compile(code, "README.md (comparison example)", "exec"), ns)
     assert ns["comparison"].reference == "dlrv" and ns["d"].verdict in ("better", "worse", "within noise")
     assert capsys.readouterr().out.strip().endswith(ns["d"].verdict)
+
+
+def test_box_accuracy_resamples_patients_not_images(runs):
+    """All box images of one patient: every resample draws that patient's boxes together, so the box-accuracy
+    difference cannot vary (an image-level bootstrap would vary it); the AUC difference still varies."""
+    boxes, weak, strong = runs
+
+    def one_box_patient(run: EvaluatedRun) -> EvaluatedRun:
+        patients = run.predictions.patient_ids.copy()
+        patients[:N_BOX] = 10_000
+        return replace(run, predictions=replace(run.predictions, patient_ids=patients, _pos=None, _map_pos=None))
+
+    comp = compare_runs([one_box_patient(weak), one_box_patient(strong)], boxes, reference="strong", resamples=200)
+    d = comp.differences["weak"]
+    for t in TABLE3_TS:
+        assert d[f"loc@{t}"].low == pytest.approx(d[f"loc@{t}"].value) == pytest.approx(d[f"loc@{t}"].high), t
+    assert d["loc@0.3"].value < 0 and d["auc"].low < d["auc"].high

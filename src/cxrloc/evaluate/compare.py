@@ -14,7 +14,8 @@
 
 Pairing (ours; the paper reports no intervals): both runs are scored on the same bootstrap
 resamples. AUC: resamples of patients (:func:`cxrloc.evaluate.auc.bootstrap_auc` with one seed
-draws the same patient ids for every run). Box accuracy: resamples of the box images. A difference whose interval holds 0 is "within noise": this test set cannot tell the
+draws the same patient ids for every run). Box accuracy: resamples of the patients of the box
+images (a box counts as often as its patient is drawn). A difference whose interval holds 0 is "within noise": this test set cannot tell the
 two runs apart. Paired intervals are narrower than the two runs' own intervals suggest, since
 the images both runs find hard are drawn together.
 
@@ -228,7 +229,7 @@ def compare_runs(
         runs: from :func:`load_runs` (checked to share their images).
         boxes: the cache's ground-truth boxes (``Cache.boxes``); None or empty: AUC only.
         reference: name or folder of the reference run (see :func:`pick_reference`).
-        resamples: bootstrap resamples (patients for AUC, box images for box accuracy).
+        resamples: bootstrap resamples (patients for AUC, patients of the box images for box accuracy).
         seed: seeds both resamplings.
 
     Returns:
@@ -240,7 +241,8 @@ def compare_runs(
     auc: dict[str, AUCResult] = {}
     correct: dict[str, np.ndarray] = {}  # (n_boxes, len(TABLE3_TS)) 0/1 at the run's own CAM threshold
     box_key: tuple[np.ndarray, np.ndarray] | None = None
-    for r in runs:  # resamples are drawn by patient id and by box image id: the runs' image order does not matter
+    box_patients = np.zeros(0, dtype=np.int64)
+    for r in runs:  # resamples are drawn by patient id: the runs' image order does not matter
         p = r.predictions
         auc[r.name] = bootstrap_auc(p.labels, p.probs, p.patient_ids, n_resamples=resamples, seed=seed,
                                     keep_samples=True)
@@ -252,6 +254,7 @@ def compare_runs(
         if ev.box_scores is None:
             continue
         key = (ev.box_scores.image_ids.astype(str), ev.box_scores.findings.astype(str))
+        box_patients = p.patient_ids[[p.position(i) for i in key[0]]]
         if box_key is not None and not (np.array_equal(key[0], box_key[0]) and np.array_equal(key[1], box_key[1])):
             raise ValueError(f"{r.folder}: its boxes differ from the other runs' (same cache expected)")
         box_key = key
@@ -260,12 +263,12 @@ def compare_runs(
 
     weights = fidx = None
     n_findings = 0
-    if box_key is not None:
+    if box_key is not None:  # resample the patients of the box images, as the AUC resamples patients
         rng = np.random.default_rng(seed)
-        _, img = np.unique(box_key[0], return_inverse=True)
-        n_img = int(img.max()) + 1
-        counts = rng.multinomial(n_img, np.full(n_img, 1.0 / n_img), size=resamples)
-        weights = counts[:, img].astype(np.float64)  # (B, n_boxes): each box weighted by its image's draws
+        _, owner = np.unique(box_patients, return_inverse=True)
+        n_pat = int(owner.max()) + 1
+        counts = rng.multinomial(n_pat, np.full(n_pat, 1.0 / n_pat), size=resamples)
+        weights = counts[:, owner].astype(np.float64)  # (B, n_boxes): each box weighted by its patient's draws
         names, fidx = np.unique(box_key[1], return_inverse=True)
         n_findings = len(names)
 
@@ -398,7 +401,8 @@ def comparison_sections(comp: Comparison, labels: dict[str, str] | None = None,
               for name, d in comp.differences.items()]
     text = [
         f"Each cell: run minus **{ref}**, with the paired 95% bootstrap interval (the same resamples for both runs: "
-        f"{comp.resamples} patient resamples for AUC, {comp.resamples} box-image resamples for box accuracy; "
+        f"{comp.resamples} patient resamples for AUC, {comp.resamples} resamples of the box images' patients for "
+        "box accuracy; "
         f"seed {comp.seed}). **within noise** = the interval holds 0: this test set cannot tell the two apart.",
         *notes,
     ]
@@ -443,7 +447,7 @@ def comparison_dict(comp: Comparison) -> dict[str, Any]:
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "reference": comp.reference,
         "bootstrap": {"resamples": comp.resamples, "seed": comp.seed, "paired": True,
-                      "units": {"auc": "patient", "box_accuracy": "box image"}, "confidence": 0.95},
+                      "units": {"auc": "patient", "box_accuracy": "patient of the box images"}, "confidence": 0.95},
         "test_set": {"split": p0.meta.get("split"), "cache": p0.meta.get("cache", {}).get("root"),
                      "images": len(p0), "patients": len(np.unique(p0.patient_ids)), "boxes": comp.num_boxes},
         "runs": [{"name": r.name, "group": r.group, "folder": str(r.folder), "variant": r.variant, "source": r.source,
