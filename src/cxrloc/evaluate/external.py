@@ -6,7 +6,7 @@ computes the same Table 1 and Table 2 numbers as for a checkpoint, and writes a 
 ``cxrloc compare`` pairs with DLRV runs.
 
 Scores: a CSV with one row per image. The image column is ``image_id`` or ``Image Index``
-(ChestX-ray14's name); the finding columns are the 14 findings by name (any case, spaces or
+(ChestX-ray14's name), file names or paths (matched by file name); the finding columns are the 14 findings by name (any case, spaces or
 underscores: ``Pleural Thickening``, ``pleural_thickening``; ``Infiltrate`` for Infiltration).
 Any score works (AUC only uses their order). Other columns (``Fracture``, ``Lung Opacity``, a
 path, ...) are ignored and listed in ``metrics.json``. Every image of the split needs a row;
@@ -73,7 +73,7 @@ def read_scores(path: str | Path) -> tuple[pd.DataFrame, list[str]]:
     missing = [f for f in FINDINGS if f not in mapping.values()]
     if missing:
         raise ValueError(f"{path}: no column for {', '.join(missing)} (all 14 findings are needed)")
-    ids = df[image_col].str.strip()
+    ids = df[image_col].str.strip().str.replace(r"^.*[\\/]", "", regex=True)  # paths match by file name
     dup = ids[ids.duplicated()]
     if len(dup):
         raise ValueError(f"{path}: image {dup.iloc[0]!r} has {int((ids == dup.iloc[0]).sum())} rows")
