@@ -65,7 +65,7 @@ def test_batches_are_anchors_then_positives_then_negatives(tiny_cache):
     assert first["images"].dtype == torch.uint8 and first["images"].shape == (12, 64, 64)
     assert first["num_anchors"] == 4
     assert torch.equal(first["rows"], torch.from_numpy(np.concatenate([rows[:4, 0], rows[:4, 1], rows[:4, 2]])))
-    assert torch.equal(first["images"][5], torch.from_numpy(np.asarray(dm.cache.images[rows[1, 1]])))
+    assert torch.equal(first["images"][5], torch.from_numpy(np.array(dm.cache.images[rows[1, 1]])))
     assert torch.equal(first["labels"][9], torch.from_numpy(dm.cache.labels[rows[1, 2]]))
     last = batches[-1]
     assert last["num_anchors"] == N_TRAIN - 4 * (len(batches) - 1) and last["images"].shape[0] == 3 * last["num_anchors"]
