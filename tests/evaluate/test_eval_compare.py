@@ -25,6 +25,7 @@ from cxrloc.evaluate.compare import (
     headline,
     load_runs,
     pick_reference,
+    protocol_differences,
     seed_groups,
 )
 from cxrloc.evaluate.runner import Predictions
@@ -188,8 +189,15 @@ def test_runs_of_other_test_sets_are_refused(runs, tmp_path):
     assert [(r.name, r.group) for r in twins] == [("weak (a)", "weak"), ("weak (c)", "weak")]
     with pytest.raises(ValueError, match=r"val_run: evaluated on split 'val'"):
         load_runs([a, _write_run(tmp_path / "val_run", strong, split="val")])
-    with pytest.raises(ValueError, match=r"other_cache: evaluated on another cache"):
-        load_runs([a, _write_run(tmp_path / "other_cache", strong, cache={"root": "x", "sha256": {"images.npy": "cd"}})])
+    # another cache of the same images (e.g. another size): compared, and the report names the other cache
+    other_cache = _write_run(tmp_path / "other_cache", strong, cache={"root": "x", "sha256": {"images.npy": "cd"}})
+    assert protocol_differences(load_runs([a, other_cache])) == {"cache": {"weak": "cache", "strong": "x"}}
+    relabelled = replace(strong, predictions=replace(strong.predictions, labels=1 - strong.predictions.labels))
+    with pytest.raises(ValueError, match=r"relabelled: the labels of its images differ from those of"):
+        load_runs([a, _write_run(tmp_path / "relabelled", relabelled)])
+    moved = replace(strong, predictions=replace(strong.predictions, patient_ids=strong.predictions.patient_ids[::-1]))
+    with pytest.raises(ValueError, match=r"moved: the patients of its images differ"):
+        load_runs([a, _write_run(tmp_path / "moved", moved)])
     fewer = replace(strong, predictions=replace(strong.predictions, image_ids=strong.predictions.image_ids.copy()))
     fewer.predictions.image_ids[0] = "99999999_000.png"
     with pytest.raises(ValueError, match=r"fewer: 2 images differ"):
@@ -246,7 +254,7 @@ def test_compare_command_checks_the_cache(evaluated, tmp_path, capsys):
     write_cache(other, rng.integers(0, 256, (1, 48, 48), dtype=np.uint8), index,
                 pd.DataFrame(columns=["image_id", "finding", "x", "y", "w", "h"]))
     assert main(["compare", *map(str, folders), "--out", str(tmp_path / "o"), "--data", str(other)]) == 2
-    assert "not the cache the runs were scored on" in capsys.readouterr().err
+    assert "not a cache the runs were scored on" in capsys.readouterr().err
     assert main(["compare", *map(str, folders), "--out", str(tmp_path / "o"), "--data", str(tmp_path / "nope")]) == 2
     assert "pass --data CACHE" in capsys.readouterr().err
 

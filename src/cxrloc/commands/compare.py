@@ -35,8 +35,9 @@ def run(args: argparse.Namespace) -> int:
     if data is None or not data.is_dir():
         raise ValueError(f"the cache the runs were scored on ({data}) is not a folder here; pass --data CACHE")
     cache = Cache(data)
-    if cache_identity(cache)["sha256"] != recorded.get("sha256"):
-        raise ValueError(f"{data}: not the cache the runs were scored on (checksums differ from {runs[0].folder}'s)")
+    scored_on = [r.predictions.meta.get("cache", {}).get("sha256") for r in runs]
+    if cache_identity(cache)["sha256"] not in scored_on:
+        raise ValueError(f"{data}: not a cache the runs were scored on (its checksums differ from theirs)")
     comp = compare_runs(runs, cache.boxes, reference=args.reference,
                         resamples=DEFAULT_RESAMPLES if args.resamples is None else args.resamples, seed=args.seed)
     paths = write_comparison(comp, args.out)

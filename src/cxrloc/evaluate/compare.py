@@ -19,8 +19,10 @@ images (a box counts as often as its patient is drawn). A difference whose inter
 two runs apart. Paired intervals are narrower than the two runs' own intervals suggest, since
 the images both runs find hard are drawn together.
 
-Runs must have been evaluated on the same cache split (same cache checksums, split and
-images); anything else is refused with the folder named.
+Runs must have been scored on the same split of one dataset: the same images, labels and
+patients; anything else is refused with the folder named. Caches of other sizes made from that
+dataset qualify (the report notes it), as do other settings of ``evaluate`` (box mode, CAM
+thresholds, mirror TTA, ...): the report names each setting in which the runs differ.
 """
 
 from __future__ import annotations
@@ -183,23 +185,28 @@ def load_runs(folders: Sequence[str | Path], names: Sequence[str] | None = None)
 
 
 def check_same_test_set(runs: Sequence[EvaluatedRun]) -> None:
-    """Raise ValueError naming the first run whose split, cache or images differ from the first run's."""
+    """Raise ValueError naming the first run whose split, images, labels or patients differ from the first run's.
+
+    Caches of other image sizes made from one dataset hold the same images, labels and patients: runs
+    scored on them are compared (the report notes the other cache, see :func:`protocol_differences`).
+    """
     first = runs[0]
-    meta0 = first.predictions.meta
-    ids0 = set(first.predictions.image_ids.astype(str).tolist())
+    p0 = first.predictions
+    order0 = np.argsort(p0.image_ids.astype(str))
     for r in runs[1:]:
-        meta = r.predictions.meta
-        if meta.get("split") != meta0.get("split"):
-            raise ValueError(f"{r.folder}: evaluated on split {meta.get('split')!r}, {first.folder} on "
-                             f"{meta0.get('split')!r}; compare runs scored on one split")
-        sha, sha0 = meta.get("cache", {}).get("sha256"), meta0.get("cache", {}).get("sha256")
-        if sha != sha0:
-            raise ValueError(f"{r.folder}: evaluated on another cache than {first.folder} (cache "
-                             f"{meta.get('cache', {}).get('root')!r} vs {meta0.get('cache', {}).get('root')!r}, "
-                             "checksums differ); compare runs scored on one cache")
-        ids = set(r.predictions.image_ids.astype(str).tolist())
+        p = r.predictions
+        if p.meta.get("split") != p0.meta.get("split"):
+            raise ValueError(f"{r.folder}: evaluated on split {p.meta.get('split')!r}, {first.folder} on "
+                             f"{p0.meta.get('split')!r}; compare runs scored on one split")
+        ids, ids0 = set(p.image_ids.astype(str).tolist()), set(p0.image_ids.astype(str).tolist())
         if ids != ids0:
             raise ValueError(f"{r.folder}: {len(ids ^ ids0)} images differ from those of {first.folder}")
+        order = np.argsort(p.image_ids.astype(str))  # both now in image-id order
+        for what, a, b in (("labels", p.labels[order], p0.labels[order0]),
+                           ("patients", p.patient_ids[order], p0.patient_ids[order0])):
+            if not np.array_equal(a, b):
+                raise ValueError(f"{r.folder}: the {what} of its images differ from those of {first.folder} "
+                                 "(another dataset or split file); compare runs of one dataset")
 
 
 def pick_reference(runs: Sequence[EvaluatedRun], reference: str | None) -> str:
@@ -302,10 +309,13 @@ def protocol_differences(runs: Sequence[EvaluatedRun]) -> dict[str, dict[str, An
     def setting(r: EvaluatedRun, key: str) -> Any:
         if key == "hflip_tta":  # a prediction setting: what the predictions were made with
             return bool(r.predictions.meta.get("hflip_tta", False))
+        if key == "cache":  # another cache of the same images (e.g. another size): other pixels in
+            return r.predictions.meta.get("cache", {}).get("root")
         return r.metrics.get("config", {}).get("eval", {}).get(key)
 
     out = {}
-    for key in PROTOCOL_KEYS:
+    caches = {json.dumps(r.predictions.meta.get("cache", {}).get("sha256"), sort_keys=True) for r in runs}
+    for key in (*PROTOCOL_KEYS, *(("cache",) if len(caches) > 1 else ())):
         values = {r.name: setting(r, key) for r in runs}
         if len({json.dumps(v) for v in values.values()}) > 1:
             out[key] = values
