@@ -23,10 +23,10 @@ from cxrloc.evaluate.compare import (
     TABLE3_TS,
     Comparison,
     compare_runs,
-    comparison_sections,
     headline,
     load_runs,
 )
+from cxrloc.evaluate.compare_report import comparison_sections
 from cxrloc.evaluate.report import (
     PAPER_AUC_DLRV,
     PAPER_LOC_MEAN,

@@ -21,13 +21,13 @@ from cxrloc.evaluate.compare import (
     EvaluatedRun,
     _mean_of_findings,
     compare_runs,
-    comparison_sections,
     headline,
     load_runs,
     pick_reference,
     protocol_differences,
     seed_groups,
 )
+from cxrloc.evaluate.compare_report import comparison_sections
 from cxrloc.evaluate.runner import Predictions
 from cxrloc.evaluate.scoring import evaluate_predictions
 from cxrloc.labels import BOX_FINDINGS, FINDINGS

@@ -26,7 +26,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from cxrloc.data.cache import Cache
-    from cxrloc.evaluate.compare import DEFAULT_RESAMPLES, compare_runs, load_runs, write_comparison
+    from cxrloc.evaluate.compare import DEFAULT_RESAMPLES, compare_runs, load_runs
+    from cxrloc.evaluate.compare_report import write_comparison
     from cxrloc.evaluate.runner import cache_identity
 
     runs = load_runs(args.folders, args.names.split(",") if args.names else None)
