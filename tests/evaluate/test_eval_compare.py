@@ -187,6 +187,8 @@ def test_runs_of_other_test_sets_are_refused(runs, tmp_path):
     assert [r.name for r in load_runs([a, _write_run(tmp_path / "b", strong)])] == ["weak", "strong"]
     twins = load_runs([a, _write_run(tmp_path / "c", weak)])  # one config twice (seeds): one group
     assert [(r.name, r.group) for r in twins] == [("weak (a)", "weak"), ("weak (c)", "weak")]
+    seeds = load_runs([_write_run(tmp_path / f"s{k}" / "eval", weak) for k in range(2)])  # same folder names
+    assert [(r.name, r.group) for r in seeds] == [(f"weak ({tmp_path / f's{k}' / 'eval'})", "weak") for k in range(2)]
     with pytest.raises(ValueError, match=r"val_run: evaluated on split 'val'"):
         load_runs([a, _write_run(tmp_path / "val_run", strong, split="val")])
     # another cache of the same images (e.g. another size): compared, and the report names the other cache

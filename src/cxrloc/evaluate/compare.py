@@ -158,9 +158,11 @@ def load_runs(folders: Sequence[str | Path], names: Sequence[str] | None = None)
         raise ValueError(f"{len(names)} names for {len(folders)} folders")
     runs = [load_run(f, names[i] if names else None) for i, f in enumerate(folders)]
     counts = Counter(r.name for r in runs)
-    for r in runs:
-        if counts[r.name] > 1:  # e.g. dlrv runs of other seeds: one group, told apart by folder
-            r.group, r.name = r.name, f"{r.name} ({r.folder.name})"
+    for group in [n for n, c in counts.items() if c > 1]:  # e.g. dlrv runs of other seeds: told apart by folder
+        members = [r for r in runs if r.name == group]
+        short = len({r.folder.name for r in members}) == len(members)  # seed0/eval/dlrv, seed1/eval/dlrv: full path
+        for r in members:
+            r.group, r.name = group, f"{group} ({r.folder.name if short else r.folder})"
     if len({r.name for r in runs}) < len(runs):
         raise ValueError(f"two runs share the name {Counter(r.name for r in runs).most_common(1)[0][0]!r}; "
                          "give each a name (--names)")
