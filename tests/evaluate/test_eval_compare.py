@@ -230,7 +230,7 @@ def test_compare_command_writes_the_report(evaluated, capsys):
     for name in ("compare.md", "compare.html", "compare.json", "differences.png"):
         assert (out / name).stat().st_size > 0, name
     assert (out / "differences.png").read_bytes()[:4] == b"\x89PNG"
-    doc = json.loads((out / "compare.json").read_text())
+    doc = json.loads((out / "compare.json").read_text(), parse_constant=lambda c: pytest.fail(f"compare.json holds {c}"))
     assert doc["reference"] == "dlrv" and [r["name"] for r in doc["runs"]] == ["baseline", "dlrv"]
     assert doc["test_set"]["images"] == 32 and doc["test_set"]["boxes"] == 16
     assert doc["protocol_differences"] == {}
