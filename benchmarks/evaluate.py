@@ -28,7 +28,7 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +37,7 @@ import torch
 from _machine import machine
 from scipy import ndimage
 
-from cxrloc.config import EvalConfig, load_config
+from cxrloc.config import Config, EvalConfig, load_config
 from cxrloc.evaluate.auc import bootstrap_auc
 from cxrloc.evaluate.boxes import boxes_from_map, upsample_map
 from cxrloc.evaluate.compare import EvaluatedRun, compare_runs
@@ -122,7 +122,7 @@ def bench_scoring(rng: np.random.Generator, resamples: int) -> dict:
     # `cxrloc compare` of two runs on this split (the second: other scores and maps), paired bootstrap
     other = replace(preds, probs=np.clip(preds.probs + rng.normal(0, 0.05, preds.probs.shape), 0, 1).astype(np.float32),
                     maps=smooth_maps(rng, len(preds.map_index)), _pos=None, _map_pos=None)
-    eval_dict = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()}
+    eval_dict = Config(eval=cfg).to_dict()["eval"]
     runs = [EvaluatedRun(name, Path(name), {"variant": name, "config": {"eval": eval_dict}}, p)
             for name, p in (("dlrv", preds), ("other", other))]
     t = time.perf_counter()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +12,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from cxrloc.cli import main
-from cxrloc.config import EvalConfig
+from cxrloc.config import Config, EvalConfig
 from cxrloc.data.cache import write_cache
 from cxrloc.evaluate.boxes import area_coverage_grid
 from cxrloc.evaluate.compare import (
@@ -64,8 +64,8 @@ def _predictions(labels: np.ndarray, boxes: pd.DataFrame, skill: float, seed: in
 
 def _run(name: str, preds: Predictions, boxes: pd.DataFrame, variant: str = "dlrv") -> EvaluatedRun:
     metrics = evaluate_predictions(preds, boxes, EVAL, progress=False).metrics
-    eval_dict = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(EVAL).items()}
-    metrics = {**metrics, "variant": variant, "config": {"eval": eval_dict}, "checkpoint": {"config_name": name}}
+    metrics = {**metrics, "variant": variant, "config": {"eval": Config(eval=EVAL).to_dict()["eval"]},
+               "checkpoint": {"config_name": name}}
     return EvaluatedRun(name, Path(name), metrics, preds)
 
 
