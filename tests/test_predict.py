@@ -61,6 +61,36 @@ def test_predict_on_the_real_sample(sample_dir, checkpoint, tmp_path, capsys):
     assert "15 image(s) predicted, 210 detection(s), 0 error(s)" in capsys.readouterr().out
 
 
+def test_tables_beside_the_json(sample_dir, checkpoint, tmp_path):
+    """predictions.csv holds the JSON's probabilities; maps.npz (--save-maps) the maps its boxes came from."""
+    import pandas as pd
+
+    out = tmp_path / "out"
+    assert main(["predict", "--checkpoint", str(checkpoint), str(sample_dir), "--out", str(out), "--threshold", "0",
+                 "--no-overlays", "--save-maps", "--device", "cpu"]) == 0
+    doc = json.loads((out / "predictions.json").read_text())
+    assert doc["files"] == {"csv": "predictions.csv", "maps": "maps.npz"}
+    table = pd.read_csv(out / "predictions.csv")
+    assert table["file"].tolist() == [im["file"] for im in doc["images"]]
+    assert table[["width", "height"]].to_numpy().tolist() == [[im["width"], im["height"]] for im in doc["images"]]
+    np.testing.assert_array_equal(table[list(FINDINGS)].to_numpy(),
+                                  [[im["probabilities"][f] for f in FINDINGS] for im in doc["images"]])
+    with np.load(out / "maps.npz") as z:
+        ids, maps, findings = z["image_ids"], z["maps"], z["findings"]
+    assert ids.tolist() == table["file"].tolist() and findings.tolist() == list(FINDINGS)
+    assert maps.shape[:2] == (15, 14) and 0.0 <= maps.min() and maps.max() <= 1.0
+    threshold = doc["settings"]["map_threshold"]
+    for im, grid in zip(doc["images"], maps, strict=True):  # every detection box comes from the stored map
+        for det in im["detections"]:
+            box = boxes_from_map(grid[FINDINGS.index(det["finding"])], (im["width"], im["height"]), [threshold],
+                                 doc["settings"]["box_mode"])[0][0]
+            assert [det["boxes"][0][k] for k in "xywh"] == box.tolist()
+    # without --save-maps: the CSV only
+    assert main(["predict", "--checkpoint", str(checkpoint), str(sample_dir / "images"), "--out", str(tmp_path / "o2"),
+                 "--no-overlays", "--device", "cpu"]) == 0
+    assert (tmp_path / "o2" / "predictions.csv").exists() and not (tmp_path / "o2" / "maps.npz").exists()
+
+
 def test_boxes_and_probabilities_match_the_model(sample_dir, checkpoint):
     from cxrloc.data.io import read_image_resized
     from cxrloc.data.transforms import batch_transform

@@ -31,8 +31,13 @@ JSON schema (``"schema": "cxrloc.predict/1"``)::
          ],                                                     # boxes in original pixels
          "overlay": "overlays/<name>.png" or null}
       ],
-      "errors": [{"file": path, "error": message}]
+      "errors": [{"file": path, "error": message}],
+      "files": {"csv": "predictions.csv", "maps": "maps.npz" or null}
     }
+
+Beside it, ``predictions.csv`` (one row per image: file, width, height, the 14 probabilities) and,
+with ``--save-maps``, ``maps.npz`` (``image_ids``: the files; ``maps`` (N, 14, h, w) eq. 11 grids;
+``findings``): tables for pandas or numpy, in the formats ``cxrloc evaluate --predictions`` reads.
 
 A detection's box comes from the finding's eq. 11 map upsampled to the original size and
 thresholded at ``map_threshold`` (:mod:`cxrloc.evaluate.boxes`); its ``score`` is the finding's
@@ -41,7 +46,9 @@ probability (ours). Overlay and JSON paths are sanitised so nothing is written o
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import json
 import logging
 import re
@@ -69,6 +76,8 @@ log = logging.getLogger(__name__)
 
 SCHEMA = "cxrloc.predict/1"
 JSON_NAME = "predictions.json"
+CSV_NAME = "predictions.csv"
+MAPS_NAME = "maps.npz"
 OVERLAY_DIR = "overlays"
 DEFAULT_DECODE_SIZE = 256  # the default cache size of `cxrloc prepare`
 OVERLAY_SIDE = 512  # long side of overlay images in pixels
@@ -308,12 +317,15 @@ def predict_files(
     overlays: bool = True,
     progress: bool = True,
     errors: list[dict[str, str]] | None = None,
+    save_maps: bool = False,
 ) -> dict[str, Any]:
-    """Predict every file, write ``predictions.json`` (and overlays) under ``out_dir``; return the document."""
+    """Predict every file; write ``predictions.json``, ``predictions.csv`` (and overlays, and with ``save_maps``
+    ``maps.npz``) under ``out_dir``; return the JSON document."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     errors = list(errors or [])
     images: list[dict[str, Any]] = []
+    grids: list[np.ndarray] = []  # (14, h, w) eq. 11 maps, kept with save_maps
     taken: set[str] = set()
     bar = tqdm(total=len(files), desc="predict", unit="img", disable=not progress)
     for batch in _batches(list(files), batch_size, predictor.decode_size, workers):
@@ -341,6 +353,8 @@ def predict_files(
                     atomic_write_with(target, lambda f, im=overlay: im.save(f, format="PNG"))
                     record["overlay"] = f"{OVERLAY_DIR}/{name}.png"
                 images.append(record)
+                if save_maps:
+                    grids.append(np.asarray(m, dtype=np.float32))
         bar.update(len(batch))
     bar.close()
     doc = {
@@ -357,9 +371,28 @@ def predict_files(
         },
         "images": images,
         "errors": errors,
+        "files": {"csv": CSV_NAME, "maps": MAPS_NAME if save_maps else None},
     }
+    _write_tables(out, images, grids if save_maps else None)
     atomic_write_json(inside(out, out / JSON_NAME), doc)
     return doc
+
+
+def _write_tables(out: Path, images: list[dict[str, Any]], grids: list[np.ndarray] | None) -> None:
+    """``predictions.csv`` (file, width, height, the 14 probabilities) and, given maps, ``maps.npz`` (``image_ids``
+    = the files, ``maps`` (N, 14, h, w) eq. 11 grids in [0, 1], ``findings``): the formats that
+    ``cxrloc evaluate --predictions ... --maps ...`` reads (:mod:`cxrloc.evaluate.external`)."""
+    buffer = io.StringIO()
+    table = csv.writer(buffer, lineterminator="\n")  # quotes file names holding commas or quotes
+    table.writerow(["file", "width", "height", *FINDINGS])
+    table.writerows([im["file"], im["width"], im["height"], *(repr(im["probabilities"][f]) for f in FINDINGS)]
+                    for im in images)
+    atomic_write_with(inside(out, out / CSV_NAME), lambda f: f.write(buffer.getvalue().encode("utf-8")))
+    if grids is not None:
+        arrays = {"image_ids": np.array([im["file"] for im in images], dtype=str),
+                  "maps": np.stack(grids) if grids else np.zeros((0, len(FINDINGS), 1, 1), np.float32),
+                  "findings": np.array(FINDINGS, dtype=str)}
+        atomic_write_with(inside(out, out / MAPS_NAME), lambda f: np.savez_compressed(f, **arrays))
 
 
 def model_identity(checkpoint: str | Path, cfg: Config, ckpt: dict[str, Any]) -> dict[str, Any]:

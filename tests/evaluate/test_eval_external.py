@@ -125,3 +125,38 @@ def test_maps_in_another_finding_order_and_scale(tmp_path, rng):
     assert ids.tolist() == ["a", "b", "c"]
     np.testing.assert_allclose(got, want, atol=1e-5)
     assert got.min() == 0.0 and got.max() == 1.0
+
+
+def test_cxrloc_predict_tables_score_like_evaluate(evaluated, tmp_path, capsys):
+    """The loop a user can take: `cxrloc predict --save-maps` on image files, then `cxrloc evaluate --predictions`
+    with its predictions.csv and maps.npz, gives the numbers of `cxrloc evaluate --checkpoint` on the cache."""
+    from PIL import Image
+
+    from cxrloc.data.cache import Cache
+
+    tmp, (_, dlrv) = evaluated
+    cache = Cache(tmp / "cache")
+    pngs = tmp_path / "pngs"
+    pngs.mkdir()
+    for row in cache.indices("test"):  # the cache's own pixels as files: predict decodes them unchanged
+        Image.fromarray(np.asarray(cache.images[row])).save(pngs / str(cache.image_ids[row]))
+    size = str(cache.images.shape[1])
+    assert main(["predict", "--checkpoint", str(tmp / "dlrv.pt"), str(pngs), "--out", str(tmp_path / "pred"),
+                 "--decode-size", size, "--save-maps", "--no-overlays", "--device", "cpu", "--workers", "0"]) == 0
+    table = pd.read_csv(tmp_path / "pred" / "predictions.csv")
+    doc = json.loads((tmp_path / "pred" / "predictions.json").read_text())
+    assert list(table.columns) == ["file", "width", "height", *FINDINGS] and doc["files"]["maps"] == "maps.npz"
+    assert table["file"].tolist() == [im["file"] for im in doc["images"]]
+    np.testing.assert_array_equal(table[list(FINDINGS)].to_numpy(),
+                                  [[im["probabilities"][f] for f in FINDINGS] for im in doc["images"]])
+    out = tmp_path / "ext"
+    assert main(["evaluate", "--predictions", str(tmp_path / "pred" / "predictions.csv"), "--maps",
+                 str(tmp_path / "pred" / "maps.npz"), "--data", str(tmp / "cache"), "--out", str(out),
+                 "--bootstrap", "20", "--examples", "0", "--cv-folds", "4"]) == 0
+    assert "ignored columns: width, height" in capsys.readouterr().out
+    ours, theirs = json.loads((out / "metrics.json").read_text()), json.loads((dlrv / "metrics.json").read_text())
+    for f in FINDINGS:
+        assert ours["classification"]["per_finding"][f]["auc"] == pytest.approx(
+            theirs["classification"]["per_finding"][f]["auc"], abs=1e-6, nan_ok=True), f
+    for kind in ("fixed", "cross_validated"):
+        assert ours["localization"][kind]["iou"] == theirs["localization"][kind]["iou"], kind

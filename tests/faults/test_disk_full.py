@@ -169,7 +169,7 @@ def test_predict_json_and_overlay_disk_full(reference_run, synth_data, tmp_path,
     assert main(args) == 0
     capsys.readouterr()
     before = tree_state(out)
-    for victim in ("predictions.json", f"{images[1].stem}.png"):
+    for victim in ("predictions.json", "predictions.csv", f"{images[1].stem}.png"):
         with monkeypatch.context() as mp:
             failed = fill_disk_when_writing(mp, victim, budget=50)
             assert main(args) == 2

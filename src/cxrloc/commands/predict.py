@@ -33,6 +33,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda when available)")
     p.add_argument("--decode-size", type=int, default=None, help="decode images to this side first, as `cxrloc prepare` does (default 256)")
     p.add_argument("--no-overlays", action="store_true", help="skip the heatmap overlay PNGs")
+    p.add_argument("--save-maps", action="store_true",
+                   help="also write maps.npz: every image's 14 eq. 11 maps on the model's grid (image_ids, maps)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                    help="NHWC memory format (default on: faster with oneDNN on CPU)")
     p.add_argument("--hflip-tta", action=argparse.BooleanOptionalAction, default=None,
@@ -54,12 +56,13 @@ def run(args: argparse.Namespace) -> int:
     else:
         predictor, info = _torch_predictor(args, thresholds)
     doc = predict_files(predictor, files, args.out, info, batch_size=args.batch_size, workers=args.workers,
-                        overlays=not args.no_overlays, errors=errors)
+                        overlays=not args.no_overlays, errors=errors, save_maps=args.save_maps)
     n_det = sum(len(im["detections"]) for im in doc["images"])
     print(f"{len(doc['images'])} image(s) predicted, {n_det} detection(s), {len(doc['errors'])} error(s)")
     for e in doc["errors"]:
         print(f"  skipped {e['file']}: {e['error']}")
-    print(f"wrote {args.out / 'predictions.json'}")
+    print(f"wrote {args.out / 'predictions.json'}, {args.out / 'predictions.csv'}"
+          + (f", {args.out / 'maps.npz'}" if args.save_maps else ""))
     return 0 if doc["images"] or not doc["errors"] else 1
 
 

@@ -5,17 +5,19 @@ torchxrayvision's, ...). Given that model's scores on a prepared cache's split, 
 computes the same Table 1 and Table 2 numbers as for a checkpoint, and writes a folder that
 ``cxrloc compare`` pairs with DLRV runs.
 
-Scores: a CSV with one row per image. The image column is ``image_id`` or ``Image Index``
-(ChestX-ray14's name), file names or paths (matched by file name); the finding columns are the 14 findings by name (any case, spaces or
+Scores: a CSV with one row per image. The image column is ``image_id``, ``Image Index``
+(ChestX-ray14's name) or ``file`` (``cxrloc predict``'s ``predictions.csv``), file names or paths
+(matched by file name); the finding columns are the 14 findings by name (any case, spaces or
 underscores: ``Pleural Thickening``, ``pleural_thickening``; ``Infiltrate`` for Infiltration).
 Any score works (AUC only uses their order). Other columns (``Fracture``, ``Lung Opacity``, a
 path, ...) are ignored and listed in ``metrics.json``. Every image of the split needs a row;
 rows of other images are ignored and counted.
 
-Maps (optional; without them only AUC is computed): an ``.npz`` with ``image_ids`` (M,) and
-``maps`` (M, 14, h, w) in the finding order above (or in the order of an optional
-``findings`` array), any grid size; each map is min-max normalised to [0, 1] like eq. 11's,
-so the CAM thresholds mean the same for every model. Every box image of the split needs one.
+Maps (optional; without them only AUC is computed): an ``.npz`` with ``image_ids`` (M,; file
+names or paths, as above) and ``maps`` (M, 14, h, w) in the finding order above (or in the order
+of an optional ``findings`` array), any grid size; each map is min-max normalised to [0, 1] like
+eq. 11's, so the CAM thresholds mean the same for every model. Every box image of the split
+needs one. ``cxrloc predict --save-maps`` writes both files in these formats.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from cxrloc.evaluate.runner import Predictions, box_image_positions, cache_ident
 from cxrloc.fileio import sha256_file
 from cxrloc.labels import ALIASES, FINDINGS
 
-IMAGE_COLUMNS = ("image_id", "Image Index")
+IMAGE_COLUMNS = ("image_id", "Image Index", "file")  # "file": what `cxrloc predict` writes
 _KEY = {re.sub(r"[\s_]+", "_", n).lower(): n for n in (*FINDINGS, *ALIASES)}
 
 
@@ -44,6 +46,11 @@ def finding_of_column(column: str) -> str | None:
     """The canonical finding a column header names, or None (``"Pleural Thickening"`` -> ``Pleural_Thickening``)."""
     name = _KEY.get(re.sub(r"[\s_]+", "_", str(column).strip()).lower())
     return ALIASES.get(name, name) if name else None
+
+
+def _file_names(ids: pd.Series) -> pd.Series:
+    """Image ids as file names: paths (``images_001/images/00000001_000.png``) match by their last part."""
+    return ids.str.strip().str.replace(r"^.*[\\/]", "", regex=True)
 
 
 def read_scores(path: str | Path) -> tuple[pd.DataFrame, list[str]]:
@@ -73,7 +80,7 @@ def read_scores(path: str | Path) -> tuple[pd.DataFrame, list[str]]:
     missing = [f for f in FINDINGS if f not in mapping.values()]
     if missing:
         raise ValueError(f"{path}: no column for {', '.join(missing)} (all 14 findings are needed)")
-    ids = df[image_col].str.strip().str.replace(r"^.*[\\/]", "", regex=True)  # paths match by file name
+    ids = _file_names(df[image_col])
     dup = ids[ids.duplicated()]
     if len(dup):
         raise ValueError(f"{path}: image {dup.iloc[0]!r} has {int((ids == dup.iloc[0]).sum())} rows")
@@ -101,7 +108,7 @@ def read_maps(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     for key in ("image_ids", "maps"):
         if key not in data:
             raise ValueError(f"{path}: no array {key!r} (has {sorted(data)})")
-    ids, maps = data["image_ids"].astype(str), data["maps"]
+    ids, maps = _file_names(pd.Series(data["image_ids"].astype(str))).to_numpy(), data["maps"]
     if maps.ndim != 4 or maps.shape[0] != len(ids) or maps.shape[1] != len(FINDINGS):
         raise ValueError(f"{path}: maps must be (M, 14, h, w) with M = {len(ids)} image ids, got {maps.shape}")
     if "findings" in data:
