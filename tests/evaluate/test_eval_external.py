@@ -92,7 +92,7 @@ def test_bad_files_are_one_line_errors_naming_the_problem(evaluated, tmp_path, c
         assert message in err and err.count("\n") == 1, err
 
     fails(df.drop(columns=["Hernia"]), "bad.csv: no column for Hernia (all 14 findings are needed)")
-    fails(df.rename(columns={"Image Index": "file"}), "no image column")
+    fails(df.rename(columns={"Image Index": "path"}), "no image column (expected one of image_id, Image Index, file)")
     fails(pd.concat([df, df.iloc[:1]]), "has 2 rows")
     bad = df.copy()
     bad["Mass"] = bad["Mass"].astype(object)
