@@ -1,40 +1,18 @@
-"""The machine description every benchmark writes beside its numbers (shared helper, not a benchmark)."""
+"""The machine description every benchmark writes beside its numbers (shared helper, not a benchmark).
+
+It is :func:`cxrloc.hardware.machine_description`: CPU model and capability (ATen's dispatch level,
+native bfloat16 or not, the relevant flags), cores, memory, load at the start, library versions.
+"""
 
 from __future__ import annotations
 
-import os
-import platform
-import sys
-from pathlib import Path
 from typing import Any
 
 
 def machine(**extra: Any) -> dict[str, Any]:
-    """CPU model, cores, load average at start, library versions, plus ``extra`` fields."""
-    import numpy as np
-    import PIL
-    import torch
+    """CPU model and capability, cores, load average at start, library versions, plus ``extra`` fields."""
+    from cxrloc.hardware import (
+        machine_description,  # benchmarks put src/ on sys.path before importing this file
+    )
 
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    from cxrloc.malloc import malloc_state  # benchmarks put src/ on sys.path before importing this file
-
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "load_average_at_start": os.getloadavg(),
-        "python": sys.version.split()[0],
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-        "pillow": PIL.__version__,
-        "platform": platform.platform(),
-        "cpu_malloc": malloc_state(),  # tune_cpu_malloc() applied or not (cxrloc/malloc.py)
-        **extra,
-    }
+    return machine_description(**extra)

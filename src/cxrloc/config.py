@@ -100,7 +100,9 @@ class TrainConfig:
     max_epochs: int = 30  # paper: at most 30 epochs
     batch_size: int = 16  # ours (paper silent): 16 triplets = 48 images through the backbone
     seed: int = 0
-    precision: str = "32-true"  # Lightning precision: "32-true", "bf16-mixed", "16-mixed"
+    # Lightning precision; "auto" (ours): bf16-mixed where the CPU runs bfloat16 natively (AVX512-BF16, AMX,
+    # ARM BF16) or the GPU supports it, else float32 on the CPU / float16 on older GPUs (cxrloc.hardware)
+    precision: Literal["32-true", "bf16-mixed", "16-mixed", "auto"] = "32-true"
     accelerator: str = "auto"
     devices: str = "auto"  # "auto", an int as string, or a list like "0,1"
     strategy: str = "auto"  # "ddp" for several GPUs / nodes

@@ -29,7 +29,6 @@ import hashlib
 import json
 import logging
 import os
-import platform
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -45,6 +44,7 @@ from lightning.pytorch.callbacks import Checkpoint
 import cxrloc
 from cxrloc.config import Config, load_config
 from cxrloc.fileio import atomic_write_json
+from cxrloc.hardware import machine_description
 from cxrloc.labels import BOX_FINDINGS
 
 log = logging.getLogger(__name__)
@@ -173,33 +173,6 @@ def busy_cores(interval: float = 0.3) -> float:
         return _load()
     cores = os.cpu_count() or 1
     return cores * (second[0] - first[0]) / (second[1] - first[1])
-
-
-def machine_description() -> dict[str, Any]:
-    """CPU model, cores, memory, OS, Python and library versions (for reports and benchmarks)."""
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    mem_gib = None
-    try:
-        mem_gib = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
-    except (ValueError, OSError, AttributeError):
-        pass
-    return {
-        "cpu": cpu,
-        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "memory_gib": mem_gib,
-        "os": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cxrloc": cxrloc.__version__,
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-    }
 
 
 def variant_config(plan: DemoPlan, variant: str, seed: int) -> Config:
@@ -411,8 +384,10 @@ def _train(cfg: Config, cache_dir: Path, folder: Path, progress: bool, say: Call
         raise RuntimeError(f"training {cfg.name} in {folder} ended with status {result.status}: {result.message}")
     if result.best_checkpoint is None or not result.best_checkpoint.is_file():
         raise RuntimeError(f"training {cfg.name} in {folder} wrote no best checkpoint")
+    from cxrloc.train import read_summary
+
     return {"resumed": resume, "best_epoch": result.best_epoch, "best_val_auc": result.best_metric,
-            "epochs": result.epochs_completed}
+            "epochs": result.epochs_completed, "precision": read_summary(folder).get("precision", {})}
 
 
 def _evaluate(ckpt: Path, cache_dir: Path, folder: Path, plan: DemoPlan) -> dict[str, Any]:

@@ -95,6 +95,16 @@ def targets(result: DemoResult) -> dict[str, Any]:
 # --------------------------------------------------------------------------- sections
 
 
+def _precision_lines(result: DemoResult) -> list[str]:
+    """Which precision each training ran in and why (``train.precision: auto`` follows the CPU)."""
+    lines = []
+    for stage in result.stages:
+        p = stage.info.get("precision") if stage.name.startswith("train") else None
+        if p:
+            lines.append(f"`{stage.name}` trained in {p['used']}: {p['reason']}.")
+    return lines
+
+
 def demo_sections(result: DemoResult, comparison: Comparison | None) -> list[dict[str, Any]]:
     """The report as sections of text and tables (rendered by :mod:`cxrloc.evaluate.report`)."""
     m = result.machine
@@ -102,11 +112,12 @@ def demo_sections(result: DemoResult, comparison: Comparison | None) -> list[dic
     intro = [
         f"Plan `{result.plan.name}`: {result.plan.images} synthetic images of {result.plan.size} px "
         f"(`cxrloc synth --seed {result.seed} --difficulty {result.difficulty}`), config `{result.plan.config}`; "
-        f"total {result.seconds:.0f} s on {m['cpu']} ({m['cores']} cores, {result.threads} torch thread(s); "
+        f"total {result.seconds:.0f} s on {m['cpu']} ({m.get('cpu_summary', '?')}; {m['cores']} cores, {result.threads} torch thread(s); "
         f"1-minute load average {result.load_before:.1f} at the start).",
         f"**DLRV: mean AUC {h['mean_auc']:.3f} [{h['mean_auc_ci'][0]:.3f}, {h['mean_auc_ci'][1]:.3f}]; mean box accuracy "
         + ", ".join(f"T={t}: {_f(h['box_accuracy_mean'].get(t), 2)}" for t in TABLE3_TS) + "**, "
         "learned from image-level labels only.",
+        *_precision_lines(result),
         "The paper's numbers, where shown, are the paper's (DenseNet-121 on the real ChestX-ray14), "
         "not comparable with this synthetic task; they give the scale.",
     ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pandas as pd
@@ -11,6 +12,7 @@ from lightning.pytorch.callbacks import Callback
 from train_builders import fast_config
 
 from cxrloc.config import available_configs, load_config
+from cxrloc.hardware import choose_precision, cpu_capability
 from cxrloc.model.checkpoint import load_model
 from cxrloc.train import read_summary, train
 
@@ -75,8 +77,25 @@ def test_bf16_mixed_and_channels_last_on_cpu(tiny_cache, tmp_path):
     result = train(cfg, tiny_cache, tmp_path / "run", progress="none")
     hist = read_summary(result.run_dir)["history"][0]
     assert result.status == "completed" and math.isfinite(hist["train_loss"]) and math.isfinite(hist["val/auc_mean"])
-    state = load_model(result.last_checkpoint)[2]["state_dict"]
-    assert all(v.dtype == torch.float32 for v in state.values() if v.is_floating_point())  # fp32 master weights
+    ckpt = load_model(result.last_checkpoint)[2]
+    assert all(v.dtype == torch.float32 for v in ckpt["state_dict"].values() if v.is_floating_point())  # fp32 master
+    # an explicit precision is obeyed and recorded, flagged slow where this CPU emulates bf16
+    native = cpu_capability().native_bf16
+    for record in (read_summary(result.run_dir)["precision"], ckpt["extra"]["precision"],
+                   json.loads((result.run_dir / "run.json").read_text())["precision"]):
+        assert record["requested"] == record["used"] == "bf16-mixed" and record["slow"] is (not native)
+
+
+def test_auto_precision_is_resolved_and_recorded(tiny_cache, tmp_path):
+    """``train.precision: auto`` trains in what this CPU runs fast, and the run says which and why."""
+    result = train(fast_config("dlrv", "train.precision=auto", "train.max_epochs=1"), tiny_cache, tmp_path / "run",
+                   progress="none")
+    expected = choose_precision("auto", "cpu")
+    record = read_summary(result.run_dir)["precision"]
+    assert result.status == "completed"
+    assert record == expected.to_dict() and record["used"] == ("bf16-mixed" if cpu_capability().native_bf16 else "32-true")
+    run = json.loads((result.run_dir / "run.json").read_text())
+    assert run["precision"] == record and run["cpu"]["isa"] == cpu_capability().isa
 
 
 @pytest.mark.gpu

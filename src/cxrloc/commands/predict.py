@@ -39,7 +39,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="NHWC memory format (default on: faster with oneDNN on CPU)")
     p.add_argument("--hflip-tta", action=argparse.BooleanOptionalAction, default=None,
                    help="also predict the mirrored image and average scores and maps (default: the checkpoint's eval.hflip_tta)")
-    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (fast on CPUs with AMX / AVX512-BF16 and GPUs)")
+    p.add_argument("--bf16", action="store_true",
+                   help="bfloat16 autocast: faster only on GPUs and CPUs with native bf16 (AMX / AVX512-BF16), several "
+                        "times slower on AVX2-only CPUs (a warning says so); may move boxes near the threshold")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -94,6 +96,13 @@ def _torch_predictor(args: argparse.Namespace, thresholds: dict[str, float]) -> 
 
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
+    if args.bf16 and device.type == "cpu":
+        from cxrloc.hardware import cpu_capability
+
+        cap = cpu_capability()
+        if not cap.native_bf16:
+            print(f"warning: --bf16 on a CPU that emulates bfloat16 ({cap.summary()}): expect predict to be several "
+                  "times slower than without it")
     model, cfg, ckpt = load_model(args.checkpoint, map_location=device)
     map_threshold = _check_map_threshold(cfg.eval.map_threshold if args.map_threshold is None else args.map_threshold)
     predictor = Predictor(

@@ -19,6 +19,7 @@ resume needs, all plain types and tensors:
     grad_scaler            fp16 loss-scaler state (16-mixed only)
     nonfinite_skipped      optimizer steps skipped for a non-finite loss so far
     val                    the epoch's validation results
+    precision              {requested, used, device, reason, slow}: the precision it trained in and why
 
 Selection (ours where the paper is silent): the first completed epoch always writes
 best.pt; later epochs replace it when ``val/auc_mean`` is strictly greater. A NaN
@@ -107,11 +108,15 @@ class RunCheckpoint(Checkpoint):
         run_dir: RUN_DIR.
         cfg: the run's config (stored in every checkpoint).
         summary: the existing summary (on resume), else None.
+        precision: the precision this run (or this resumed part of it) uses and why
+            (:class:`cxrloc.hardware.PrecisionChoice` as a dict), for summary.json and the checkpoints.
     """
 
-    def __init__(self, run_dir: str | Path, cfg: Config, summary: dict[str, Any] | None = None) -> None:
+    def __init__(self, run_dir: str | Path, cfg: Config, summary: dict[str, Any] | None = None,
+                 precision: dict[str, Any] | None = None) -> None:
         self.run_dir = Path(run_dir)
         self.cfg = cfg
+        self.precision = precision or {}
         self.last_path, self.best_path = checkpoint_paths(run_dir)
         summary = summary or {}
         self.history: list[dict[str, Any]] = list(summary.get("history", []))
@@ -184,6 +189,7 @@ class RunCheckpoint(Checkpoint):
             "rng": rng_states(getattr(pl_module, "_augment_generator", None)),
             "nonfinite_skipped": int(getattr(pl_module, "nonfinite_skipped", 0)),
             "val": val,
+            "precision": self.precision,
         }
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         if scaler is not None:
@@ -199,6 +205,7 @@ class RunCheckpoint(Checkpoint):
             "best_epoch": self.best_epoch,
             "epochs_completed": self.history[-1]["epoch"] if self.history else 0,
             "max_epochs": self.cfg.train.max_epochs,
+            "precision": self.precision,
             "best_checkpoint": str(self.best_path) if self.best_epoch is not None else None,
             "last_checkpoint": str(self.last_path) if self.history else None,
             "updated": datetime.now(UTC).isoformat(timespec="seconds"),

@@ -11,7 +11,9 @@ RUN_DIR layout::
 Devices: ``train.accelerator`` / ``devices`` / ``strategy`` / ``num_nodes`` go to the
 Lightning Trainer as given (``devices: "2"`` -> 2, ``"0,1"`` -> [0, 1]); ``strategy: ddp``
 for several GPUs or nodes (``ddp_spawn`` also works, e.g. 2 CPU processes with gloo);
-``precision``: ``32-true``, ``bf16-mixed``, ``16-mixed``; ``channels_last``.
+``precision``: ``auto`` (bf16 where the CPU or GPU runs it fast, else float32 / float16:
+:func:`cxrloc.hardware.choose_precision`), ``32-true``, ``bf16-mixed``, ``16-mixed``; the one used
+and why are logged and recorded in run.json, summary.json and every checkpoint; ``channels_last``.
 Lightning's own sampler injection is off: the data module shards triplets and
 validation images itself (see datamodule.py).
 
@@ -42,6 +44,7 @@ import cxrloc
 from cxrloc.config import Config, ConfigError, save_config
 from cxrloc.data.cache import Cache
 from cxrloc.fileio import atomic_write_json, remove_stale_temporaries
+from cxrloc.hardware import choose_precision, cpu_capability, training_device
 from cxrloc.model.checkpoint import CheckpointError, load_checkpoint
 from cxrloc.train.callbacks import (
     METRIC_NAME,
@@ -140,17 +143,20 @@ def train(
         raise ValueError(f"{out}: already holds a training run ({last_path}); pass --resume to continue it, "
                          "or choose another --out")
 
+    precision = choose_precision(cfg.train.precision, training_device(cfg.train.accelerator))
+    log.info("precision %s: %s", precision.used, precision.reason)
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
     if rank_zero_only.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         for folder in (out, last_path.parent):  # half-written files of a killed run (never read)
             remove_stale_temporaries(folder)
         save_config(cfg, out / CONFIG_FILE)
-        _write_run_file(out, data, cache, resumed_from=None if ckpt is None else int(ckpt["epoch"]))
+        _write_run_file(out, data, cache, resumed_from=None if ckpt is None else int(ckpt["epoch"]),
+                        precision=precision.to_dict())
 
     module = DLRVModule(cfg, resume=ckpt)
-    checkpointer = RunCheckpoint(out, cfg, summary)
-    trainer = build_trainer(cfg, out, progress, [*(callbacks or []), checkpointer])
+    checkpointer = RunCheckpoint(out, cfg, summary, precision=precision.to_dict())
+    trainer = build_trainer(cfg, out, progress, [*(callbacks or []), checkpointer], precision=precision.used)
     on_gpu = trainer.accelerator.__class__.__name__.startswith("CUDA")
     datamodule = CacheDataModule(cfg, data, pin_memory=on_gpu)
     if ckpt is not None:
@@ -166,9 +172,15 @@ def train(
     return _result(out)
 
 
-def build_trainer(cfg: Config, out: Path, progress: str, callbacks: list[Callback]) -> L.Trainer:
-    """The Lightning Trainer for ``cfg.train`` with CSV + TensorBoard loggers under RUN_DIR/logs."""
+def build_trainer(cfg: Config, out: Path, progress: str, callbacks: list[Callback],
+                  precision: str | None = None) -> L.Trainer:
+    """The Lightning Trainer for ``cfg.train`` with CSV + TensorBoard loggers under RUN_DIR/logs.
+
+    ``precision``: the resolved Lightning precision (default: ``train.precision`` resolved here).
+    """
     t = cfg.train
+    if precision is None:
+        precision = choose_precision(t.precision, training_device(t.accelerator)).used
     logs = out / "logs"
     version = f"version_{_next_version(logs / 'csv')}"
     loggers = [
@@ -191,7 +203,7 @@ def build_trainer(cfg: Config, out: Path, progress: str, callbacks: list[Callbac
         devices=parse_devices(t.devices),
         strategy=t.strategy,
         num_nodes=t.num_nodes,
-        precision=t.precision,
+        precision=precision,
         max_epochs=t.max_epochs,
         limit_train_batches=_limit_batches(t.limit_train_batches),
         log_every_n_steps=t.log_every_n_steps,
@@ -286,7 +298,8 @@ def _cache_fingerprint(cache: Cache) -> dict[str, Any]:
     return {name: files.get(name, {}).get("sha256") for name in ("images.npy", "index.csv")}
 
 
-def _write_run_file(out: Path, data: Path, cache: Cache, resumed_from: int | None) -> None:
+def _write_run_file(out: Path, data: Path, cache: Cache, resumed_from: int | None,
+                    precision: dict[str, Any]) -> None:
     path = out / RUN_FILE
     run = json.loads(path.read_text()) if path.is_file() else {}
     now = datetime.now(UTC).isoformat(timespec="seconds")
@@ -294,6 +307,8 @@ def _write_run_file(out: Path, data: Path, cache: Cache, resumed_from: int | Non
     run["data"] = str(data.resolve())
     run["cache"] = _cache_fingerprint(cache)
     run["versions"] = {"cxrloc": cxrloc.__version__, "torch": torch.__version__, "lightning": L.__version__}
+    run["cpu"] = cpu_capability().to_dict()
+    run["precision"] = precision  # of this start (a resume may change train.precision)
     if resumed_from is not None:
         run.setdefault("resumes", []).append({"at": now, "after_epoch": resumed_from})
     atomic_write_json(path, run)
